@@ -1,0 +1,60 @@
+"""The ``saescope`` command: one subcommand per stage of the pipeline (see ``shared/DESIGN.md``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from saescope.errors import SaescopeError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Train, standardize, evaluate and browse JumpReLU SAEs (the Gemma Scope recipe).")
+
+
+def fail(message: str) -> None:
+    """Print a clear error and exit with status 2 (bad input), before any long work starts."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="folder holding an SAE in any supported format")) -> None:
+    """Print an SAE's format, shapes and config."""
+    from saescope.formats import detect_format, load_sae
+
+    try:
+        fmt, folder = detect_format(path)
+        sae = load_sae(folder)
+    except SaescopeError as exc:
+        fail(str(exc))
+    typer.echo(f"format: {fmt}\nfolder: {folder}")
+    typer.echo(json.dumps(sae.config.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="folder holding an SAE in any supported format"),
+    destination: Path = typer.Argument(..., help="folder to write"),
+    to: str = typer.Option("native", "--to", help="native, gemma-scope, gemma-scope-2 or saelens"),
+    standardize: bool = typer.Option(False, help="standardize (Appendix A) before writing"),
+) -> None:
+    """Convert an SAE between formats (Gemma Scope and Gemma Scope 2 files are always standardized)."""
+    from saescope.formats import FORMATS, load_sae
+
+    if to not in FORMATS:
+        fail(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        sae = load_sae(source)
+    except SaescopeError as exc:
+        fail(str(exc))
+    if standardize:
+        sae = sae.standardize()
+    out = sae.save(destination, format=to)
+    typer.echo(f"wrote {to} SAE to {out}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
+    app(argv)

@@ -1,0 +1,147 @@
+"""The SAELens format (``SAE.save_model`` / ``SAE.load_from_disk``, SAELens 6.x): a folder with ``cfg.json``
+and ``sae_weights.safetensors`` (keys ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec``,
+``threshold``).
+
+SAELens computes ``z = (x − b_dec·apply_b_dec_to_input) W_enc + b_enc`` and ``x̂ = f W_dec + b_dec`` on the
+activations as given (``normalize_activations: "none"``); it has no constant norm scale. So an SAE with
+``C ≠ 1`` is written with ``C`` folded in (:func:`saescope.sae.standardize.fold_norm_scale`: the same
+reconstructions; latents ``C ×`` the training-time latents), keeping the pre-encoder bias.
+
+The facts here were read from SAELens 6.54 (``saes/sae.py``, ``saes/jumprelu_sae.py``,
+``loading/pretrained_sae_loaders.py``); the code is our own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from saescope import __version__
+from saescope.config import SAEConfig
+from saescope.errors import SAEFileError
+from saescope.formats.checks import check_parameters, read_json, read_safetensors
+from saescope.sae.jumprelu import PARAMETER_NAMES, JumpReLUSAE, dtype_name
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_VERSION_WRITTEN = "6.54.12"   # the cfg layout we write is the one this SAELens version writes
+
+# saescope site name -> TransformerLens hook name template (what SAELens uses as hook_name)
+TRANSFORMERLENS_HOOKS = {
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.attn.hook_z",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "mlp_in": "blocks.{layer}.hook_mlp_in",
+}
+_HOOK_PATTERNS = [(site, re.compile("^" + re.escape(t).replace(re.escape("{layer}"), r"(\d+)") + "$"))
+                  for site, t in TRANSFORMERLENS_HOOKS.items()]
+
+
+def hook_name(site: str | None, layer: int | None) -> str | None:
+    """The TransformerLens hook name SAELens uses for a saescope site, if there is one."""
+    if site is None or layer is None or site not in TRANSFORMERLENS_HOOKS:
+        return None
+    return TRANSFORMERLENS_HOOKS[site].format(layer=layer)
+
+
+def site_from_hook_name(name: str | None) -> tuple[str | None, int | None]:
+    for site, pattern in _HOOK_PATTERNS:
+        match = pattern.match(name or "")
+        if match:
+            return site, int(match.group(1))
+    return None, None
+
+
+def is_saelens(folder: Path) -> bool:
+    return (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def save_saelens(sae: JumpReLUSAE, folder: Path, *, context_size: int | None = None,
+                 prepend_bos: bool = True) -> Path:
+    from saescope.sae.standardize import fold_norm_scale
+
+    if sae.config.norm_scale != 1.0:
+        sae = fold_norm_scale(sae)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = sae.config
+    tensors = {name: t.contiguous().cpu() for name, t in sae.state_tensors().items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    cfg: dict[str, Any] = {
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": c.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": c.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if c.site == "attn_out" else "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION_WRITTEN,
+            "sae_lens_training_version": None,
+            "model_name": c.model,
+            "hook_name": hook_name(c.site, c.layer) or c.hook_point,
+            "hook_head_index": None,
+            "context_size": context_size or c.training.get("context_size"),
+            "prepend_bos": prepend_bos,
+            "saescope_version": __version__,
+            "saescope_config": c.model_dump(mode="json"),
+        },
+        "architecture": "jumprelu",
+    }
+    (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+def load_saelens(folder: Path, *, expect_d_in: int | None = None,
+                 device: torch.device | str | None = None) -> JumpReLUSAE:
+    cfg_path = folder / CFG_FILE
+    cfg = read_json(cfg_path)
+    architecture = cfg.get("architecture", "standard")   # SAELens < 6 defaults to "standard"
+    if architecture != "jumprelu":
+        raise SAEFileError(cfg_path, f"describes a '{architecture}' SAE", key="architecture",
+                           expected="'jumprelu'; saescope reads JumpReLU SAEs")
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None):
+        raise SAEFileError(cfg_path, f"asks for run-time activation normalization '{normalize}'",
+                           key="normalize_activations",
+                           expected="'none': fold the scaling into the weights in SAELens, then save again")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int):
+            raise SAEFileError(cfg_path, f"is {cfg.get(key)!r}", key=key, expected="a positive integer")
+    metadata = cfg.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise SAEFileError(cfg_path, "is not an object", key="metadata", expected="a JSON object")
+
+    def meta(key: str) -> Any:   # SAELens >= 6 nests these under "metadata"; older files keep them flat
+        return metadata.get(key, cfg.get(key))
+
+    weights_path = folder / WEIGHTS_FILE
+    tensors = read_safetensors(weights_path)
+    if "threshold" not in tensors and "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    params = check_parameters(weights_path, tensors, expect_d_in=expect_d_in, expect_d_sae=cfg["d_sae"])
+    if params["W_enc"].shape[0] != cfg["d_in"]:
+        raise SAEFileError(weights_path, f"has d_in {params['W_enc'].shape[0]}", key="W_enc",
+                           expected=f"d_in {cfg['d_in']} as cfg.json says")
+    site, layer = site_from_hook_name(meta("hook_name"))
+    apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
+    dtype = cfg.get("dtype", "float32")
+    dtype = dtype.removeprefix("torch.") if isinstance(dtype, str) else "float32"
+    if dtype not in ("float32", "float64", "bfloat16", "float16"):
+        dtype = dtype_name(params["W_enc"].dtype)
+    config = SAEConfig(
+        d_in=cfg["d_in"], d_sae=cfg["d_sae"], norm_scale=1.0, apply_b_dec_to_input=apply_b_dec,
+        standardized=not apply_b_dec, dtype=dtype, model=meta("model_name"), site=site, layer=layer,
+        hook_point=meta("hook_name"),
+        training={"source": "saelens", "sae_lens_version": meta("sae_lens_version"),
+                  "context_size": meta("context_size")},
+    )
+    saved = metadata.get("saescope_config")
+    if isinstance(saved, dict):   # written by saescope: keep its site/model/training summary
+        keep = {k: saved[k] for k in ("site", "layer", "model", "hook_point", "training", "bandwidth") if k in saved}
+        config = config.model_copy(update=keep)
+    return JumpReLUSAE.from_parameters({n: params[n] for n in PARAMETER_NAMES}, config, device=device)
