@@ -18,6 +18,7 @@ from saescope.errors import SAEFileError
 from saescope.formats.checks import looks_like_pickle
 from saescope.formats.gemma_scope import is_gemma_scope, load_gemma_scope, save_gemma_scope
 from saescope.formats.gemma_scope_2 import is_gemma_scope_2, load_gemma_scope_2, save_gemma_scope_2
+from saescope.formats.hub import hub_folder, looks_like_repo_id
 from saescope.formats.native import is_native, load_native, save_native
 from saescope.formats.saelens import is_saelens, load_saelens, save_saelens
 from saescope.sae.jumprelu import JumpReLUSAE
@@ -58,18 +59,29 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
 
 
 def load_sae(path: str | Path, *, format: str | None = None, expect_d_in: int | None = None,  # noqa: A002
-             device: torch.device | str | None = None) -> JumpReLUSAE:
+             device: torch.device | str | None = None, folder: str | None = None,
+             revision: str | None = None, cache_dir: str | Path | None = None) -> JumpReLUSAE:
     """Load an SAE from a folder in any of :data:`FORMATS` (detected unless ``format`` is given).
 
     ``expect_d_in`` is the width of the site you mean to use it on; a file made for another width is
-    refused with a message naming the file and key.
+    refused with a message naming the file and key. ``path`` may also be a hub repository id with ``folder``
+    inside it, e.g. ``load_sae("google/gemma-scope-2-270m-pt", folder="resid_post/layer_12_width_16k_l0_medium")``
+    (see :mod:`saescope.formats.hub`).
     """
-    detected, folder = detect_format(path)
+    if folder is not None:
+        if not looks_like_repo_id(str(path)):
+            path = Path(path) / folder
+        else:
+            path = hub_folder(str(path), folder, revision=revision, cache_dir=cache_dir)
+    elif looks_like_repo_id(str(path)):
+        raise SAEFileError(Path(str(path)), "does not exist locally and looks like a hub repository id",
+                           expected="load_sae(repo_id, folder='<site>/layer_<L>_width_<W>_l0_<size>')")
+    detected, path_folder = detect_format(path)
     if format is not None and format != detected:
         if format not in _LOADERS:
             raise ValueError(f"unknown SAE format {format!r}; choose one of {', '.join(FORMATS)}")
         detected = format
-    return _LOADERS[detected](folder, expect_d_in=expect_d_in, device=device)
+    return _LOADERS[detected](path_folder, expect_d_in=expect_d_in, device=device)
 
 
 __all__ = ["FORMATS", "detect_format", "load_sae", "save_sae"]

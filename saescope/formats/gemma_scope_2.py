@@ -85,6 +85,7 @@ def load_gemma_scope_2(folder: Path, *, expect_d_in: int | None = None,
                        layer=layer, hook_point=hook, training={"source": "gemma-scope-2", "path": str(folder)})
     saved = cfg.get("saescope_config")
     if isinstance(saved, dict):
-        keep = {k: saved[k] for k in ("site", "layer", "model", "hook_point", "training", "bandwidth") if k in saved}
+        keep = {k: saved[k] for k in ("site", "layer", "model", "hook_point", "training", "bandwidth")
+                if saved.get(k) is not None}
         config = config.model_copy(update=keep)
     return JumpReLUSAE.from_parameters({n: params[n] for n in PARAMETER_NAMES}, config, device=device)

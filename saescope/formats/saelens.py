@@ -142,6 +142,7 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
     )
     saved = metadata.get("saescope_config")
     if isinstance(saved, dict):   # written by saescope: keep its site/model/training summary
-        keep = {k: saved[k] for k in ("site", "layer", "model", "hook_point", "training", "bandwidth") if k in saved}
+        keep = {k: saved[k] for k in ("site", "layer", "model", "hook_point", "training", "bandwidth")
+                if saved.get(k) is not None}
         config = config.model_copy(update=keep)
     return JumpReLUSAE.from_parameters({n: params[n] for n in PARAMETER_NAMES}, config, device=device)
