@@ -1,0 +1,23 @@
+"""The activation store: cache LM activations once to sharded files, stream shuffled batches to many SAEs."""
+
+from saescope.store.index import StoreIndex
+from saescope.store.loader import ActivationLoader, verify_store
+from saescope.store.norm_scale import estimate_norm_scale
+from saescope.store.writer import StoreWriter
+
+__all__ = [
+    "ActivationLoader",
+    "StoreIndex",
+    "StoreWriter",
+    "cache_activations",
+    "estimate_norm_scale",
+    "verify_store",
+]
+
+
+def __getattr__(name: str):
+    if name == "cache_activations":  # imports the model stack only when asked for
+        from saescope.store.cache import cache_activations
+
+        return cache_activations
+    raise AttributeError(name)
