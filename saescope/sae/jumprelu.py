@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from saescope.config import SAEConfig
+from saescope.sae.losses import matryoshka_reconstruction, quadratic_l0_penalty
 from saescope.sae.ste import heaviside, jumprelu
 
 DEFAULT_THRESHOLD = 0.001  # recipe §2: initial θ
@@ -201,19 +202,29 @@ class JumpReLUSAE(nn.Module):
         return self.decode(self.encode(x_raw))
 
     # ------------------------------------------------------------------ training
-    def training_forward(self, x_raw: torch.Tensor, sparsity_coefficient: float) -> TrainingOutput:
+    def training_forward(self, x_raw: torch.Tensor, sparsity_coefficient: float, *,
+                         target_l0: float | None = None, matryoshka_prefixes: Sequence[int] | None = None,
+                         matryoshka_weights: Sequence[float] | None = None) -> TrainingOutput:
         """The training-time forward pass and loss (recipe §1) on a batch ``[batch, d_in]`` of raw activations.
 
         ``loss = mean_batch(‖x − x̂‖² + λ·Σ_i H(z_i − θ_i))`` with ``x = x_raw / C``. Gradients reach θ from
         both terms through the straight-through estimators; none reach ``z`` through the step.
+        ``target_l0`` swaps ``λ·L0`` for Gemma Scope 2's ``λ·(2/L0_target)(L0 − L0_target)²``;
+        ``matryoshka_prefixes`` swaps the reconstruction term for the nested-prefix sum
+        (:mod:`saescope.sae.losses`; ``reconstruction`` then holds that sum).
         """
         x = self.normalize(x_raw)
         z = self._pre_activations_normalized(x)
         f = jumprelu(z, self.threshold, self.config.bandwidth)
         x_hat = self._decode_normalized(f)
-        reconstruction = (x - x_hat).pow(2).sum(dim=-1)
+        if matryoshka_prefixes is None:
+            reconstruction = (x - x_hat).pow(2).sum(dim=-1)
+        else:
+            reconstruction = matryoshka_reconstruction(x, f.to(self.dtype), self.W_dec, self.b_dec,
+                                                       matryoshka_prefixes, matryoshka_weights)
         l0 = heaviside(z, self.threshold, self.config.bandwidth).sum(dim=-1)
-        loss = (reconstruction + sparsity_coefficient * l0).mean()
+        penalty = l0 if target_l0 is None else quadratic_l0_penalty(l0, target_l0)
+        loss = (reconstruction + sparsity_coefficient * penalty).mean()
         return TrainingOutput(x=x, x_hat=x_hat, pre_activations=z, latents=f, l0=l0,
                               reconstruction=reconstruction, loss=loss)
 
