@@ -56,5 +56,21 @@ def convert(
     typer.echo(f"wrote {to} SAE to {out}")
 
 
+@app.command()
+def export(
+    suite: Path = typer.Argument(..., help="a suite folder (e.g. runs/demo/suite) or any folder of SAEs"),
+    out: Path = typer.Argument(..., help="an empty folder to write the release layout into"),
+    layout: str = typer.Option("gemma-scope-2", help="gemma-scope (params.npz) or gemma-scope-2"),
+) -> None:
+    """Write a suite in a Gemma Scope release layout (standardized parameters)."""
+    from saescope.suite import export_suite
+
+    try:
+        written = export_suite(suite, out, layout=layout)
+    except SaescopeError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {len(written)} SAEs in the {layout} layout under {out}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)

@@ -1,0 +1,116 @@
+"""A suite of SAEs on disk, and exporting it in the Gemma Scope release layouts.
+
+saescope writes a trained suite as ``suite/<kind>/layer_<L>/width_<W>/average_l0_<k>/`` in the native format
+(see ``shared/DESIGN.md``). :func:`export_suite` rewrites it in either release layout:
+
+- ``gemma-scope`` (Gemma Scope, Gemma 2): ``<kind>/layer_<L>/width_<W>/average_l0_<k>/params.npz``;
+- ``gemma-scope-2`` (Gemma 3): ``<kind>/layer_<L>_width_<W>_l0_<size>/params.safetensors + config.json``,
+  ``size`` in small / medium / big by rank of L0 among the SAEs of the same site and width (one SAE is
+  ``medium``, two are ``small`` and ``big``); with more than three the measured L0 is used (``l0_<k>``).
+
+Both hold standardized parameters (Appendix A); saving standardizes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from saescope.config import Site
+from saescope.errors import SaescopeError
+from saescope.formats import detect_format, load_sae
+from saescope.formats.gemma_scope import width_name
+from saescope.formats.gemma_scope_2 import release_folder as gemma_scope_2_folder
+
+LAYOUTS = ("gemma-scope", "gemma-scope-2")
+_AVERAGE_L0 = re.compile(r"^average_l0_(\d+)$")
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One SAE of a suite: where it is and what it is for."""
+
+    folder: Path
+    site: str          # kind, e.g. resid_post
+    layer: int
+    d_sae: int
+    average_l0: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.site, self.layer, self.d_sae
+
+
+def find_suite(root: str | Path) -> list[SuiteEntry]:
+    """Every SAE under ``root`` (any format), with its site, layer, width and measured L0."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SaescopeError(f"{root} is not a folder; pass a suite folder (e.g. runs/demo/suite)")
+    entries = []
+    seen = set()
+    for marker in sorted(root.rglob("*")):
+        if marker.name not in ("saescope.json", "params.npz", "params.safetensors", "cfg.json"):
+            continue
+        folder = marker.parent
+        if folder in seen:
+            continue
+        seen.add(folder)
+        detect_format(folder)
+        sae = load_sae(folder)
+        c = sae.config
+        if c.site is None or c.layer is None:
+            raise SaescopeError(f"the SAE in {folder} does not say which site and layer it reads; "
+                                "re-save it with site and layer in its config")
+        kind = Site.parse(c.site).kind if "/layer_" in c.site else c.site
+        entries.append(SuiteEntry(folder, kind, c.layer, c.d_sae, _average_l0(folder, c.training)))
+    if not entries:
+        raise SaescopeError(f"no SAEs found under {root}")
+    return sorted(entries, key=lambda e: (e.site, e.layer, e.d_sae, e.average_l0))
+
+
+def _average_l0(folder: Path, training: dict) -> int:
+    match = _AVERAGE_L0.match(folder.name)
+    if match:
+        return int(match.group(1))
+    for key in ("average_l0", "final_l0", "l0"):
+        if isinstance(training.get(key), (int, float)):
+            return round(training[key])
+    raise SaescopeError(f"cannot tell the average L0 of the SAE in {folder}: its folder is not named "
+                        "average_l0_<k> and its config has no training summary with the L0")
+
+
+def size_names(entries: list[SuiteEntry]) -> dict[Path, str]:
+    """Gemma Scope 2's ``l0_<size>`` names, by rank of L0 within each (site, layer, width)."""
+    groups: dict[tuple, list[SuiteEntry]] = {}
+    for e in entries:
+        groups.setdefault(e.key, []).append(e)
+    names = {}
+    for group in groups.values():
+        group = sorted(group, key=lambda e: e.average_l0)
+        labels = {1: ["medium"], 2: ["small", "big"], 3: ["small", "medium", "big"]}.get(
+            len(group), [str(e.average_l0) for e in group])
+        for e, label in zip(group, labels):
+            names[e.folder] = label
+    return names
+
+
+def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2") -> list[Path]:
+    """Write every SAE under ``root`` to ``out`` in a Gemma Scope release layout; returns the folders."""
+    if layout not in LAYOUTS:
+        raise SaescopeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    entries = find_suite(root)
+    out = Path(out)
+    sizes = size_names(entries)
+    written = []
+    for e in entries:
+        sae = load_sae(e.folder)
+        if layout == "gemma-scope":
+            target = out / e.site / f"layer_{e.layer}" / f"width_{width_name(e.d_sae)}" / f"average_l0_{e.average_l0}"
+        else:
+            target = gemma_scope_2_folder(out, e.site, e.layer, e.d_sae, sizes[e.folder])
+        if target.exists() and any(target.iterdir()):
+            raise SaescopeError(f"{target} already holds files; two SAEs map to the same release folder "
+                                "or the export ran before — choose an empty output folder")
+        written.append(sae.save(target, format=layout))
+    return written
