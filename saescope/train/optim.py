@@ -1,0 +1,74 @@
+"""Adam (Kingma & Ba 2015) with the recipe's β1 = 0, β2 = 0.999, ε = 1e-8 and explicit state.
+
+The update is the one ``torch.optim.Adam`` makes (bias-corrected, ``ε`` added after the square root)::
+
+    m ← β1 m + (1 − β1) g        v ← β2 v + (1 − β2) g²
+    p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
+
+It runs torch's fused single-pass kernel (the one behind ``torch.optim.Adam(fused=True)``) where torch has
+it, and the same formula op by op otherwise. The state is a flat ``dict[str, Tensor]`` so it can be
+checkpointed to safetensors and restored bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FUSED = hasattr(torch, "_fused_adam_")
+
+
+class Adam:
+    """Adam over named tensors, updated in place; gradients are passed to :meth:`step` by name."""
+
+    def __init__(self, params: dict[str, torch.Tensor], *, beta1: float = 0.0, beta2: float = 0.999,
+                 eps: float = 1e-8, fused: bool | None = None):
+        self.params = params
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.fused = _FUSED if fused is None else (fused and _FUSED)
+        self.t = 0
+        self.exp_avg = {name: torch.zeros_like(p) for name, p in params.items()}
+        self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in params.items()}
+        self._steps = {name: torch.zeros((), dtype=torch.float32) for name in params}
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor], lr: float) -> None:
+        self.t += 1
+        if self.fused:
+            names = list(self.params)
+            for name in names:
+                self._steps[name].fill_(self.t)
+            # one call per dtype group (the fused kernel wants matching dtypes in a list)
+            groups: dict[torch.dtype, list[str]] = {}
+            for name in names:
+                groups.setdefault(self.params[name].dtype, []).append(name)
+            for group in groups.values():
+                torch._fused_adam_(
+                    [self.params[n] for n in group], [grads[n].contiguous() for n in group],
+                    [self.exp_avg[n] for n in group], [self.exp_avg_sq[n] for n in group], [],
+                    [self._steps[n] for n in group], lr=lr, beta1=self.beta1, beta2=self.beta2,
+                    weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+            return
+        bias1 = 1.0 - self.beta1 ** self.t
+        bias2_sqrt = math.sqrt(1.0 - self.beta2 ** self.t)
+        for name, p in self.params.items():
+            g = grads[name]
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            v.mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+            m.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
+            p.addcdiv_(m, denom, value=-lr / bias1)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"exp_avg_sq.{k}": v for k, v in self.exp_avg_sq.items()}
+        out.update({f"exp_avg.{k}": v for k, v in self.exp_avg.items()})
+        out["t"] = torch.tensor([self.t], dtype=torch.int64)
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.t = int(tensors["t"][0])
+        for k in self.params:
+            self.exp_avg_sq[k].copy_(tensors[f"exp_avg_sq.{k}"])
+            self.exp_avg[k].copy_(tensors[f"exp_avg.{k}"])

@@ -1,0 +1,485 @@
+"""The training loop: many SAEs (and transcoders) stepping on the same batches (Gemma Scope §3).
+
+Per step, each batch (``dict[site_id, Tensor]`` of raw activations) is read once from the source and every
+SAE in the config takes one optimizer step on it:
+
+1. normalize: ``x = x_raw / C`` (``C`` the store's norm scale for the site, App. A; for a transcoder the
+   input's ``C`` divides both input and target, App. B);
+2. loss and gradients with the sparse fast path (:mod:`saescope.train.fast_path`) or the dense autograd
+   reference, with ``λ(t)`` from the linear warm-up;
+3. remove the component of each ``W_dec`` row's gradient parallel to the row (:mod:`decoder_norm`);
+4. Adam (β1 = 0, β2 = 0.999, ε = 1e-8) at ``lr(t)`` (cosine warm-up); ``θ`` trained as ``log θ`` by default;
+5. renormalize ``W_dec`` rows to unit norm.
+
+Checkpoints (every ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM) hold everything needed to
+continue bit for bit; running the same command again resumes. At the end each SAE is standardized
+(App. A) and written to ``<out_dir>/suite/<site>/width_<W>/average_l0_<k>/`` with its training summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saescope import __version__
+from saescope.config import Site
+from saescope.errors import SaescopeError
+from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.transcoder import JumpReLUTranscoder
+from saescope.train import checkpoint as ckpt
+from saescope.train.config import SAESpec, TrainConfig, width_label
+from saescope.train.decoder_norm import normalize_rows, project_out_parallel_gradient
+from saescope.train.fast_path import dense_training_step, sparse_training_step
+from saescope.train.optim import Adam
+from saescope.train.schedules import learning_rate, sparsity_coefficient
+
+
+class TrainingInterrupted(SaescopeError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; run the same command to resume."""
+
+
+def spec_seed(seed: int, spec: SAESpec) -> int:
+    """The initialisation seed of one SAE: depends on the run seed and the SAE, not its position in the list."""
+    return int(hashlib.sha256(f"{seed}:{spec.name}".encode()).hexdigest()[:12], 16)
+
+
+class _Unit:
+    """One SAE being trained: its module, optimizer and running statistics."""
+
+    def __init__(self, spec: SAESpec, config: TrainConfig, norm_scale: float, d_in: int, d_out: int):
+        self.spec = spec
+        site = Site.parse(spec.site)
+        common = {"dtype": config.dtype, "device": config.device, "bandwidth": config.bandwidth,
+                      "seed": spec_seed(config.seed, spec), "model": config.model, "site": site.kind, "layer": site.layer}
+        if spec.kind == "transcoder":
+            self.module: JumpReLUSAE = JumpReLUTranscoder(d_in, spec.width, norm_scale, d_out=d_out, **common)
+        else:
+            self.module = JumpReLUSAE(d_in, spec.width, norm_scale, **common)
+        m = self.module
+        with torch.no_grad():
+            m.threshold.fill_(config.initial_threshold)
+        for p in m.parameters():
+            p.requires_grad_(config.fast_path is False)
+        # W_enc is kept as the transpose of a contiguous [d_sae, d_in] buffer: the sparse encoder gradient is
+        # produced latent-major, so Adam then runs on contiguous memory.
+        self.W_enc_t = m.W_enc.detach().t().contiguous()
+        m.W_enc.data = self.W_enc_t.t()
+        self.log_threshold = (torch.log(m.threshold.detach().clone())
+                              if config.threshold_parameterization == "log" else None)
+        params = {"W_enc": self.W_enc_t, "b_enc": m.b_enc.data, "W_dec": m.W_dec.data, "b_dec": m.b_dec.data,
+                  "threshold": self.log_threshold if self.log_threshold is not None else m.threshold.data}
+        self.adam = Adam(params, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps)
+        self.tokens_since_fired = torch.zeros(spec.width, dtype=torch.int64)
+        self.window: dict[str, float] = {"steps": 0, "loss": 0.0, "reconstruction": 0.0, "l0": 0.0,
+                                         "variance": 0.0, "tokens": 0}
+        self.last: dict[str, float] = {}
+        self.last_logged: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ one step
+    def step(self, batch: dict[str, torch.Tensor], step: int, config: TrainConfig, lr: float) -> None:
+        spec, m = self.spec, self.module
+        lam = sparsity_coefficient(step, spec.sparsity_coefficient, config.sparsity_warmup_steps)
+        x_raw = batch[spec.site].to(config.device)
+        target_raw = batch[spec.target_site].to(config.device) if spec.target_site else None
+        if config.fast_path:
+            x = m.normalize(x_raw)
+            target = m.normalize_target(target_raw) if target_raw is not None else None
+            result = sparse_training_step(m.W_enc.detach(), m.b_enc.detach(), m.W_dec.detach(),
+                                          m.b_dec.detach(), m.threshold.detach(), x, target, lam,
+                                          m.config.bandwidth, m.config.apply_b_dec_to_input)
+        else:
+            result = dense_training_step(m, x_raw, lam, target_raw)
+        grads = dict(result.grads)
+        with torch.no_grad():
+            project_out_parallel_gradient(m.W_dec, grads["W_dec"])
+            grads["W_enc"] = grads["W_enc"].t()
+            if self.log_threshold is not None:
+                grads["threshold"] = grads["threshold"] * m.threshold     # ∂L/∂log θ = θ·∂L/∂θ
+            self.adam.step(grads, lr)
+            if self.log_threshold is not None:
+                m.threshold.copy_(torch.exp(self.log_threshold))
+            else:
+                m.threshold.clamp_(min=0.0)
+            normalize_rows(m.W_dec)
+        batch_tokens = x_raw.shape[0]
+        self.tokens_since_fired += batch_tokens
+        self.tokens_since_fired[result.fired.cpu()] = 0
+        w = self.window
+        w["steps"] += 1
+        w["tokens"] += batch_tokens
+        w["loss"] += result.loss
+        w["reconstruction"] += result.reconstruction * batch_tokens
+        w["l0"] += result.l0 * batch_tokens
+        w["variance"] += result.total_variance
+        self.last = {"lambda": lam, "lr": lr}
+        if not math.isfinite(result.loss):
+            raise SaescopeError(f"{spec.name}: the loss became {result.loss} at step {step}; lower lr or check "
+                                "the activations for inf/nan")
+
+    def dead_fraction(self, tokens_seen: int, window_tokens: int) -> float:
+        limit = min(window_tokens, tokens_seen)
+        if limit <= 0:
+            return 0.0
+        return float((self.tokens_since_fired >= limit).float().mean())
+
+    def summary(self, tokens_seen: int, window_tokens: int) -> dict[str, float]:
+        """Means over the steps since the last log line (loss, MSE, L0, FVU) and the dead fraction.
+
+        Right after a log line (no steps since) it repeats the logged means, with a fresh dead fraction."""
+        w = self.window
+        if w["steps"] == 0 and self.last_logged:
+            return {**self.last_logged, "dead_fraction": self.dead_fraction(tokens_seen, window_tokens)}
+        n = max(w["tokens"], 1)
+        return {"loss": w["loss"] / max(w["steps"], 1), "mse": w["reconstruction"] / n, "l0": w["l0"] / n,
+                "fvu": w["reconstruction"] / w["variance"] if w["variance"] > 0 else float("nan"),
+                "dead_fraction": self.dead_fraction(tokens_seen, window_tokens), **self.last}
+
+    def reset_window(self, logged: dict[str, float]) -> None:
+        self.last_logged = dict(logged)
+        self.window = {k: 0 if k in ("steps", "tokens") else 0.0 for k in self.window}
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}/param/{k}": v for k, v in self.module.state_tensors().items()}
+        out.update({f"{prefix}/adam/{k}": v for k, v in self.adam.state_tensors().items()})
+        if self.log_threshold is not None:
+            out[f"{prefix}/log_threshold"] = self.log_threshold
+        out[f"{prefix}/tokens_since_fired"] = self.tokens_since_fired
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        for name, target in self.module.state_tensors().items():
+            source = tensors.get(f"{prefix}/param/{name}")
+            if source is None or source.shape != target.shape or source.dtype != target.dtype:
+                found = None if source is None else (tuple(source.shape), str(source.dtype))
+                raise ckpt.CheckpointError(
+                    f"the checkpoint's {prefix} {name} is {found} but the config asks for "
+                    f"{(tuple(target.shape), str(target.dtype))}: the checkpoint was made by a different run")
+            getattr(self.module, name).copy_(source)
+        self.adam.load_state_tensors({k[len(prefix) + 6:]: v for k, v in tensors.items()
+                                      if k.startswith(f"{prefix}/adam/")})
+        if self.log_threshold is not None:
+            self.log_threshold.copy_(tensors[f"{prefix}/log_threshold"])
+        self.tokens_since_fired.copy_(tensors[f"{prefix}/tokens_since_fired"])
+
+
+class Trainer:
+    """Trains every SAE in ``config.saes`` on batches from ``source`` (see module docstring).
+
+    ``source``: an iterable of ``dict[site_id, Tensor[batch, d]]`` (raw activations), optionally with
+    ``state_dict()/load_state_dict()``. ``norm_scales``: ``C`` per site id (the store's ``norm_scale``).
+    ``dims``: ``d`` per site id (read from the first batch when not given).
+    """
+
+    def __init__(self, config: TrainConfig, source: Iterable[dict[str, torch.Tensor]],
+                 norm_scales: dict[str, float], dims: dict[str, int] | None = None, *, progress: bool = True):
+        self.config = config
+        self.source = source
+        self.norm_scales = {Site.parse(k).id: float(v) for k, v in norm_scales.items()}
+        needed = {spec.site for spec in config.saes}
+        missing = sorted(needed - set(self.norm_scales))
+        if missing:
+            raise SaescopeError(f"no norm scale C for site(s) {missing}; the activation store estimates it "
+                                f"(have: {sorted(self.norm_scales)})")
+        for site, c in self.norm_scales.items():
+            if not (math.isfinite(c) and c > 0):
+                raise SaescopeError(f"norm scale for {site} is {c}; it must be a positive number")
+        self.dims = dict(dims) if dims else None
+        self.progress = progress
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.units: list[_Unit] = []
+        self.step = 0
+        self.tokens_seen = 0
+        self._stop_signal: str | None = None
+        self._iterator = None
+        self._pending_batch: dict[str, torch.Tensor] | None = None
+        self._loggers: list[Any] = []
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        if self.dims is None:
+            self._iterator = iter(self.source)
+            try:
+                self._pending_batch = next(self._iterator)
+            except StopIteration as exc:
+                raise SaescopeError("the batch source yielded no batches") from exc
+            self.dims = {k: int(v.shape[-1]) for k, v in self._pending_batch.items()}
+        for site in self.config.sites:
+            if site not in self.dims:
+                raise SaescopeError(f"the activations hold no site {site} (have: {sorted(self.dims)}); "
+                                    "cache it first or remove the SAE that reads it")
+        self.units = [
+            _Unit(spec, self.config, self.norm_scales[spec.site], self.dims[spec.site],
+                  self.dims[spec.target_site] if spec.target_site else self.dims[spec.site])
+            for spec in self.config.saes
+        ]
+
+    def _unit_prefix(self, index: int) -> str:
+        return f"sae{index}"
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "saescope_version": __version__, "fingerprint": self.config.fingerprint(),
+            "config": self.config.model_dump(mode="json"), "tokens_seen": self.tokens_seen,
+            "norm_scales": self.norm_scales, "saes": [u.spec.name for u in self.units],
+            "windows": [u.window for u in self.units], "last": [u.last for u in self.units],
+            "last_logged": [u.last_logged for u in self.units],
+        }
+
+    def save_checkpoint(self) -> Path:
+        tensors: dict[str, torch.Tensor] = {}
+        for i, unit in enumerate(self.units):
+            tensors.update(unit.state_tensors(self._unit_prefix(i)))
+        meta = self._meta()
+        meta["rng"] = ckpt.capture_rng(tensors)
+        if hasattr(self.source, "state_dict"):
+            meta["loader"] = ckpt.split_state(self.source.state_dict(), "loader", tensors)
+        else:
+            meta["loader"] = None
+        return ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, meta)
+
+    def _resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return False
+        tensors, meta = ckpt.load_checkpoint(path)
+        if meta.get("fingerprint") != self.config.fingerprint():
+            saved = meta.get("config", {})
+            current = self.config.model_dump(mode="json")
+            diffs = sorted(k for k in set(saved) | set(current)
+                           if saved.get(k) != current.get(k) and k not in ("total_tokens", "checkpoint_every",
+                                                                            "log_every", "tensorboard", "wandb",
+                                                                            "out_dir", "store", "device"))
+            raise ckpt.CheckpointError(
+                f"the checkpoint in {path} was made with a different config (differs in: {', '.join(diffs)}); "
+                f"use a new out_dir, or delete {self.checkpoint_dir} to start over")
+        if meta.get("saes") != [u.spec.name for u in self.units]:
+            raise ckpt.CheckpointError(f"the checkpoint in {path} trains {meta.get('saes')}, not "
+                                       f"{[u.spec.name for u in self.units]}")
+        saved_scales = meta.get("norm_scales", {})
+        for site in {u.spec.site for u in self.units}:
+            if saved_scales.get(site) != self.norm_scales[site]:
+                raise ckpt.CheckpointError(
+                    f"the checkpoint in {path} used norm scale {saved_scales.get(site)} for {site} but this run "
+                    f"has {self.norm_scales[site]}: the activations changed; use a new out_dir")
+        for i, unit in enumerate(self.units):
+            unit.load_state_tensors(self._unit_prefix(i), tensors)
+            unit.window = dict(meta["windows"][i])
+            unit.last = dict(meta["last"][i])
+            unit.last_logged = dict(meta["last_logged"][i])
+        self.step = int(meta["step"])
+        self.tokens_seen = int(meta["tokens_seen"])
+        ckpt.restore_rng(meta["rng"], tensors)
+        loader_state = meta.get("loader")
+        self._iterator = None
+        self._pending_batch = None
+        if loader_state is not None and hasattr(self.source, "load_state_dict"):
+            self.source.load_state_dict(ckpt.join_state(loader_state, tensors))
+            self._iterator = iter(self.source)
+        else:
+            # A source without a position: replay it to the same point (exact, but reads the skipped data).
+            self._iterator = iter(self.source)
+            for _ in range(self.step):
+                next(self._iterator)
+        self._log_line(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens)")
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _log_line(self, text: str) -> None:
+        if self.progress:
+            tqdm.write(text)
+
+    def _open_loggers(self) -> None:
+        if self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise SaescopeError("tensorboard logging needs the tensorboard package: pip install tensorboard"
+                                    ) from exc
+            self._loggers.append(("tensorboard", SummaryWriter(str(self.out_dir / "tensorboard"))))
+        if self.config.wandb:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise SaescopeError("Weights & Biases logging needs wandb: pip install wandb") from exc
+            run = wandb.init(mode="offline", dir=str(self.out_dir), project="saescope",
+                             config=self.config.model_dump(mode="json"), resume="allow",
+                             id=f"saescope-{self.config.fingerprint()}")
+            self._loggers.append(("wandb", run))
+
+    def _close_loggers(self) -> None:
+        for kind, logger in self._loggers:
+            if kind == "tensorboard":
+                logger.close()
+            else:
+                logger.finish()
+        self._loggers = []
+
+    def _log_metrics(self, elapsed: float, tokens_this_session: int) -> list[dict[str, Any]]:
+        rows = []
+        rate = tokens_this_session / elapsed if elapsed > 0 else float("nan")
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            for unit in self.units:
+                row = {"step": self.step, "tokens": self.tokens_seen, "sae": unit.spec.name,
+                       "tokens_per_s": rate,
+                       **unit.summary(self.tokens_seen, self.config.dead_window_tokens)}
+                fh.write(json.dumps(row) + "\n")
+                rows.append(row)
+                self._log_line(f"step {self.step:>7} {unit.spec.name}: loss {row['loss']:.4g} mse {row['mse']:.4g} "
+                               f"L0 {row['l0']:.1f} fvu {row['fvu']:.3f} dead {row['dead_fraction']:.1%} "
+                               f"λ {row.get('lambda', 0):.3g} lr {row.get('lr', 0):.3g}")
+                for kind, logger in self._loggers:
+                    scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+                    if kind == "tensorboard":
+                        for k, v in scalars.items():
+                            logger.add_scalar(f"{unit.spec.name}/{k}", v, self.step)
+                    else:
+                        logger.log({f"{unit.spec.name}/{k}": v for k, v in scalars.items()}, step=self.step)
+        return rows
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum, _frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    # ------------------------------------------------------------------ main loop
+    def _next_batch(self) -> dict[str, torch.Tensor] | None:
+        if self._pending_batch is not None:
+            batch, self._pending_batch = self._pending_batch, None
+            return batch
+        if self._iterator is None:
+            self._iterator = iter(self.source)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            return None
+
+    def run(self, max_steps: int | None = None) -> dict[str, Path]:
+        """Train (resuming from the newest checkpoint if there is one) and write the suite.
+
+        ``max_steps`` stops after that many steps *of this call* (a checkpoint is written; used by tests to
+        simulate an interruption). Returns ``{sae name: suite folder}`` once training is complete (empty if
+        stopped early by ``max_steps``).
+        """
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._build()
+        resumed = self._resume()
+        if not resumed:
+            (self.out_dir / "config.toml").write_text(config.to_toml())
+        total = config.total_steps
+        self._open_loggers()
+        previous = self._install_signals()
+        start_step, start_time = self.step, time.perf_counter()
+        bar = tqdm(total=total * config.batch_size, initial=self.step * config.batch_size, unit="tok",
+                   unit_scale=True, desc="train", disable=not self.progress, dynamic_ncols=True)
+        finished = True
+        try:
+            while self.step < total:
+                if max_steps is not None and self.step - start_step >= max_steps:
+                    finished = False
+                    break
+                batch = self._next_batch()
+                if batch is None:
+                    self._log_line(f"the data ran out after {self.step} steps; finishing there")
+                    break
+                lr = learning_rate(self.step, config.lr, config.lr_warmup_steps, config.lr_warmup_start)
+                for unit in self.units:
+                    unit.step(batch, self.step, config, lr)
+                batch_tokens = next(iter(batch.values())).shape[0]
+                self.step += 1
+                self.tokens_seen += batch_tokens
+                bar.update(batch_tokens)
+                if self.step % config.log_every == 0:
+                    rows = self._log_metrics(time.perf_counter() - start_time,
+                                             (self.step - start_step) * config.batch_size)
+                    for unit, row in zip(self.units, rows):
+                        unit.reset_window({k: v for k, v in row.items() if k in
+                                           ("loss", "mse", "l0", "fvu", "lambda", "lr")})
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    path = self.save_checkpoint()
+                    raise TrainingInterrupted(f"stopped by {self._stop_signal} at step {self.step}; checkpoint "
+                                              f"written to {path}; run the same command again to resume")
+        finally:
+            bar.close()
+            self._restore_signals(previous)
+            self._close_loggers()
+        self.save_checkpoint()
+        if not finished:
+            return {}
+        return self.write_suite()
+
+    # ------------------------------------------------------------------ output
+    def write_suite(self) -> dict[str, Path]:
+        """Standardize each SAE (App. A) and write it to ``suite/<site>/width_<W>/average_l0_<k>/``."""
+        out: dict[str, Path] = {}
+        used: set[Path] = set()
+        summary_rows = []
+        for unit in self.units:
+            spec = unit.spec
+            stats = unit.summary(self.tokens_seen, self.config.dead_window_tokens)
+            training = {
+                "tokens_seen": self.tokens_seen, "steps": self.step, "final_l0": stats["l0"],
+                "fvu": stats["fvu"], "mse": stats["mse"], "dead_fraction": stats["dead_fraction"],
+                "sparsity_coefficient": spec.sparsity_coefficient, "lr": self.config.lr,
+                "batch_size": self.config.batch_size, "norm_scale": unit.module.norm_scale,
+                "threshold_parameterization": self.config.threshold_parameterization,
+                "kind": spec.kind, "input_site": spec.site, "saescope_version": __version__,
+                "stats_over_last_steps": unit.window["steps"],
+            }
+            if spec.target_site:
+                training["target_site"] = spec.target_site
+            unit.module.config = unit.module.config.model_copy(update={"training": training})
+            standardized = unit.module.standardize()
+            if spec.kind == "transcoder":
+                site_folder = Path("transcoder") / f"layer_{Site.parse(spec.site).layer}"
+            else:
+                site_folder = Path(spec.site)
+            k = round(stats["l0"]) if math.isfinite(stats["l0"]) else 0
+            folder = self.out_dir / "suite" / site_folder / f"width_{width_label(spec.width)}" / f"average_l0_{k}"
+            n = 2
+            base = folder
+            while folder in used:
+                folder = base.with_name(f"{base.name}_{n}")
+                n += 1
+            used.add(folder)
+            standardized.save(folder)
+            out[spec.name] = folder
+            summary_rows.append({"sae": spec.name, "folder": str(folder.relative_to(self.out_dir)), **training})
+        (self.out_dir / "suite").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "suite" / "training_summary.json").write_text(json.dumps(summary_rows, indent=2) + "\n")
+        return out
+
+
+def train(config: TrainConfig, source: Iterable[dict[str, torch.Tensor]], norm_scales: dict[str, float],
+          *, progress: bool = True) -> dict[str, Path]:
+    """Train every SAE in ``config`` on ``source`` (resuming if ``out_dir`` holds a checkpoint); returns the
+    suite folder of each SAE."""
+    return Trainer(config, source, norm_scales, progress=progress).run()
