@@ -1,0 +1,251 @@
+"""Evaluate a suite of SAEs on held-out token windows (Gemma Scope §4, App. C).
+
+The clean forward runs once per batch for the whole suite (:func:`~saescope.evaluate.layer_cache.clean_pass`);
+each SAE reads its site from that pass, and its spliced pass starts at its site's layer from the cached
+layer input. Zero-ablation (for loss recovered) and the attribution gradient for uniformity (App. C.3)
+are computed once per batch per site and shared by every SAE at that site.
+
+Token handling (Gemma Scope §4.1, "after masking out BOS, EOS and padding tokens"): ``mask [batch, seq]``
+is False at BOS, EOS and padding. Reconstruction metrics use the True positions; the reconstruction is
+spliced in only there (BOS stays clean, the SAE never saw it in training); loss term t (predicting token
+t+1) counts when position t is True.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from saescope.config import Site
+from saescope.errors import SaescopeError
+from saescope.evaluate.layer_cache import CleanPass, clean_pass, mean_centered_logit_gradient, spliced_losses
+from saescope.evaluate.metrics import (
+    LossAccumulator,
+    ReconstructionAccumulator,
+    UniformityAccumulator,
+    finite_or_none,
+)
+from saescope.sites import _unwrap
+
+
+class EvalBatch(NamedTuple):
+    """A batch of held-out windows from one text domain; ``mask`` is False at BOS, EOS and padding."""
+
+    domain: str
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+
+@dataclass
+class EvalTarget:
+    """One SAE (or transcoder) to evaluate: it reads ``read_site`` and reconstructs ``write_site``."""
+
+    name: str
+    sae: Any
+    read_site: Site
+    write_site: Site
+    kind: str = "sae"
+    path: str | None = None
+
+    @classmethod
+    def of(cls, name: str, sae: Any, path: str | Path | None = None) -> EvalTarget:
+        """Sites from the SAE's config: ``site``/``layer``; a transcoder (``d_out``/``site_out`` or an
+        ``mlp_in`` site) reads ``mlp_in`` and writes ``mlp_out`` of its layer (Gemma Scope App. B)."""
+        config = getattr(sae, "config", None)
+        site_text, layer = getattr(config, "site", None), getattr(config, "layer", None)
+        if site_text is None:
+            raise SaescopeError(f"SAE {name!r} does not say which site it was trained on (config.site is "
+                                "empty); set sae.config.site and sae.config.layer, e.g. 'resid_post' and 6")
+        try:
+            site = Site.parse(site_text) if layer is None or "/" in str(site_text) or ":" in str(site_text) \
+                else Site(kind=site_text, layer=layer)
+        except ValueError as exc:
+            raise SaescopeError(f"SAE {name!r}: {exc}") from None
+        d_out = getattr(sae, "d_out", None) or getattr(config, "d_out", None)
+        is_transcoder = site.kind == "mlp_in" or (d_out is not None and d_out != getattr(sae, "d_in", d_out))
+        if is_transcoder:
+            return cls(name, sae, Site(kind="mlp_in", layer=site.layer), Site(kind="mlp_out", layer=site.layer),
+                       "transcoder", None if path is None else str(path))
+        return cls(name, sae, site, site, "sae", None if path is None else str(path))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "__", text).strip("_") or "sae"
+
+
+@dataclass
+class _State:
+    recon: dict[str, ReconstructionAccumulator] = field(default_factory=dict)
+    loss: dict[str, LossAccumulator] = field(default_factory=dict)
+    uniformity: UniformityAccumulator = field(default_factory=UniformityAccumulator)
+
+
+def _reconstruct(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    f = sae.encode(x)
+    return f, sae.decode(f)
+
+
+@torch.no_grad()
+def evaluate_saes(
+    model: Any,
+    saes: Mapping[str, Any] | Sequence[EvalTarget],
+    batches: Iterable[EvalBatch],
+    *,
+    uniformity_tokens: int = 4096,
+    chunk_size: int = 512,
+    position_bins: int = 32,
+    progress: bool = True,
+    total_batches: int | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every SAE of ``saes`` on ``batches``; returns one result dict per SAE (JSON-ready).
+
+    ``saes`` maps names to SAE objects (``encode``/``decode``/``W_dec`` and ``config.site``/``layer``) or is
+    a list of :class:`EvalTarget`. ``uniformity_tokens`` caps the tokens (per SAE) used for App. C.3
+    (it needs a backward pass); 0 turns it off.
+    """
+    targets = [EvalTarget.of(n, s) for n, s in saes.items()] if isinstance(saes, Mapping) else list(saes)
+    if not targets:
+        raise SaescopeError("no SAEs to evaluate")
+    lm = _unwrap(model)
+    if any(t.kind == "transcoder" for t in targets):
+        from saescope.folding import fold_mlp_in_norm, mlp_in_is_folded
+        if not mlp_in_is_folded(lm):
+            fold_mlp_in_norm(lm)  # same outputs; mlp_in becomes the gain-free normalized input (App. B)
+    sites = list(dict.fromkeys([t.read_site for t in targets] + [t.write_site for t in targets]))
+    write_sites = list(dict.fromkeys(t.write_site for t in targets))
+    states = {t.name: _State() for t in targets}
+    uniformity_left = {t.name: uniformity_tokens for t in targets}
+    device = next(lm.parameters()).device
+    bar = tqdm(batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress)
+    tokens_seen = 0
+    for batch in bar:
+        ids = batch.input_ids.to(device)
+        mask = batch.mask.to(device=device, dtype=torch.bool)
+        if ids.shape != mask.shape or ids.dim() != 2 or ids.shape[1] < 2:
+            raise SaescopeError(f"a batch must be input_ids and mask of the same shape [batch, seq≥2], got "
+                                f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+        counted = mask[:, :-1]
+        if batch.attention_mask is not None:
+            counted = counted & batch.attention_mask.to(device).bool()[:, 1:]
+        cache: CleanPass = clean_pass(lm, ids, sites, attention_mask=batch.attention_mask, chunk_size=chunk_size)
+        zero = {s.id: spliced_losses(cache, s, torch.zeros_like(cache.sites[s.id]), mask) for s in write_sites}
+        gradients: dict[str, torch.Tensor] = {}
+        for t in targets:
+            state = states[t.name]
+            x_in = cache.sites[t.read_site.id]
+            x_out = cache.sites[t.write_site.id]
+            f, x_hat = _reconstruct(t.sae, x_in[mask])
+            x_true = x_out[mask]
+            for key in ("all", batch.domain):
+                acc = state.recon.setdefault(key, ReconstructionAccumulator(d_sae=f.shape[-1]))
+                acc.update(x_true, x_hat, f)
+            full = x_out.clone()
+            full[mask] = x_hat.to(full.dtype)
+            spliced = spliced_losses(cache, t.write_site, full, mask)
+            for key in ("all", batch.domain):
+                state.loss.setdefault(key, LossAccumulator()).update(
+                    cache.clean_loss, spliced, counted, zero[t.write_site.id])
+            if uniformity_left[t.name] > 0:
+                if t.write_site.id not in gradients:
+                    gradients[t.write_site.id] = mean_centered_logit_gradient(cache, t.write_site, counted)
+                grad = gradients[t.write_site.id]
+                take = torch.zeros_like(mask)
+                take[:, :-1] = counted
+                g = grad[take]
+                f_all = t.sae.encode(x_in[take])
+                keep = min(uniformity_left[t.name], g.shape[0])
+                w_dec = t.sae.W_dec.to(torch.float32)
+                y = f_all[:keep].float() * (g[:keep].float() @ w_dec.T)
+                state.uniformity.update(y)
+                uniformity_left[t.name] -= keep
+        tokens_seen += int(mask.sum())
+        bar.set_postfix(tokens=tokens_seen)
+    results = []
+    for t in targets:
+        state = states[t.name]
+        if "all" not in state.recon:
+            raise SaescopeError("no evaluation batches were given (or every position was masked)")
+        results.append(_result(t, state, position_bins))
+    return results
+
+
+def _training_summary(sae: Any) -> dict[str, Any]:
+    config = getattr(sae, "config", None)
+    training = getattr(config, "training", None) or {}
+    return dict(training) if isinstance(training, Mapping) else {}
+
+
+def _result(t: EvalTarget, state: _State, position_bins: int) -> dict[str, Any]:
+    overall = state.recon["all"].result()
+    frequencies = overall.pop("_frequencies")
+    overall.update(state.loss["all"].result(position_bins=position_bins))
+    overall.update(state.uniformity.result())
+    domains = {}
+    for key in state.recon:
+        if key == "all":
+            continue
+        r = state.recon[key].result()
+        r.pop("_frequencies")
+        for drop in ("log10_frequency_histogram", "d_sae", "dead", "dense", "dead_fraction", "dense_fraction"):
+            r.pop(drop, None)
+        r.update(state.loss[key].result(position_bins=position_bins))
+        r.pop("delta_loss_by_position", None)
+        domains[key] = r
+    sae = t.sae
+    return finite_or_none({
+        "name": t.name,
+        "path": t.path,
+        "kind": t.kind,
+        "site": t.write_site.id if t.kind == "sae" else f"{t.read_site.id}->{t.write_site.id}",
+        "read_site": t.read_site.id,
+        "write_site": t.write_site.id,
+        "layer": t.write_site.layer,
+        "d_in": int(getattr(sae, "d_in", 0) or 0),
+        "d_sae": int(frequencies.numel()),
+        "training": _training_summary(sae),
+        "metrics": overall,
+        "domains": domains,
+        "dead_latent_ids_sample": [int(i) for i in torch.nonzero(frequencies == 0).flatten()[:32]],
+    })
+
+
+TABLE_COLUMNS = ("name", "kind", "site", "d_sae", "l0", "fvu", "mse", "cosine", "clean_loss", "spliced_loss",
+                 "delta_loss", "loss_recovered", "dead", "dense", "r_l0", "n_tokens")
+
+
+def table_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per SAE: the headline numbers, then ``delta_loss[<domain>]`` / ``fvu[<domain>]``."""
+    rows = []
+    for r in results:
+        m = r["metrics"]
+        row = {c: (r.get(c) if c in r else m.get(c)) for c in TABLE_COLUMNS}
+        for dom, dm in sorted(r.get("domains", {}).items()):
+            row[f"delta_loss[{dom}]"] = dm.get("delta_loss")
+            row[f"fvu[{dom}]"] = dm.get("fvu")
+            row[f"l0[{dom}]"] = dm.get("l0")
+        rows.append(row)
+    return rows
+
+
+def write_eval(results: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
+               extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``<out_dir>/<sae>.json`` per SAE and ``<out_dir>/table.json`` (every number, plus the rows)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        (out / f"{_slug(r['name'])}.json").write_text(json.dumps(r, indent=2, allow_nan=False))
+    table = {"columns": list(table_rows(results)[0].keys()) if results else list(TABLE_COLUMNS),
+             "rows": table_rows(results), "results": list(results), **(dict(extra) if extra else {})}
+    path = out / "table.json"
+    path.write_text(json.dumps(finite_or_none(table), indent=2, allow_nan=False))
+    return path
+
+
