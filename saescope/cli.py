@@ -72,5 +72,25 @@ def export(
     typer.echo(f"wrote {len(written)} SAEs in the {layout} layout under {out}")
 
 
+@app.command()
+def sites(
+    model: str = typer.Argument(..., help="embedded name (gemma-3-270m, smollm2-135m), folder, .gguf or hub id"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or float64"),
+) -> None:
+    """Print every site of a model (resid_post, attn_out, mlp_out, mlp_in per layer) with its width."""
+    from saescope.models import load_model
+    from saescope.sites import hook_point, list_sites
+
+    try:
+        loaded = load_model(model, dtype=dtype)
+    except SaescopeError as exc:
+        fail(str(exc))
+    typer.echo(f"model: {loaded.name}  architecture: {loaded.architecture}  layers: {loaded.n_layers}  "
+               f"d_model: {loaded.d_model}")
+    typer.echo(f"{'site':<22} {'width':>6}  hook point")
+    for site, width in list_sites(loaded):
+        typer.echo(f"{site.id:<22} {width:>6}  {hook_point(loaded, site)}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)
