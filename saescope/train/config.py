@@ -21,11 +21,10 @@ from saescope.errors import SaescopeError
 
 
 def width_label(width: int) -> str:
-    """Gemma Scope folder label for a width: 16384 → ``16k``, 1048576 → ``1m``, 1000 → ``1000``."""
-    if width % (1 << 20) == 0:
-        return f"{width >> 20}m"
-    if width % 1024 == 0:
-        return f"{width >> 10}k"
+    """Gemma Scope's folder label for a width: powers of two ≥ 1024 in (truncated) thousands or millions,
+    as in the release (16384 → ``16k``, 131072 → ``131k``, 1048576 → ``1m``); any other width as is."""
+    if width >= 1024 and width & (width - 1) == 0:
+        return f"{width // 10**6}m" if width >= 10**6 else f"{width // 1000}k"
     return str(width)
 
 

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -109,8 +108,10 @@ def sparse_training_step(
     # g_f = g_x̂ W_decᵀ at the kept pairs only (rows are sorted: a CSR pattern).
     crow = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(torch.bincount(rows, minlength=B), dim=0, out=crow[1:])
-    pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=W_dec.dtype, device=x.device),
-                                      (B, d_sae), check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=W_dec.dtype, device=x.device),
+                                          (B, d_sae), check_invariants=False)
     g_f = torch.sparse.sampled_addmm(pattern, g_xhat, W_dec.t(), beta=0.0).values()
 
     # θ: both STE terms, window pairs only.
@@ -134,7 +135,7 @@ def sparse_training_step(
     loss = (reconstruction + lam * l0).mean()
     centred = target - target.mean(dim=0)
     return StepResult(
-        loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0.mean()),
+        loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
         total_variance=float(centred.pow(2).sum()), fired=torch.bincount(a_cols, minlength=d_sae) > 0,
         grads={"W_enc": grad_W_enc, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
                "threshold": grad_threshold.to(threshold.dtype)},
@@ -160,5 +161,5 @@ def dense_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: float
     for p in module.parameters():
         p.grad = None
     return StepResult(loss=float(out.loss.detach()), reconstruction=float(out.reconstruction.detach().mean()),
-                      l0=float(out.l0.detach().float().mean()), total_variance=float(centred.pow(2).sum()),
+                      l0=float(out.l0.detach().to(torch.float64).mean()), total_variance=float(centred.pow(2).sum()),
                       fired=fired, grads=grads)

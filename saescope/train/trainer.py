@@ -209,6 +209,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
+        if self.units:
+            return
         if self.dims is None:
             self._iterator = iter(self.source)
             try:

@@ -1,0 +1,158 @@
+"""Schedules (closed form at given steps), the decoder-norm constraint, Adam against torch.optim.Adam, config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saescope.errors import SaescopeError
+from saescope.train.config import SAESpec, TrainConfig, width_label
+from saescope.train.decoder_norm import normalize_rows, project_out_parallel_gradient
+from saescope.train.optim import Adam
+from saescope.train.schedules import learning_rate, sparsity_coefficient
+
+
+@pytest.mark.parametrize(("step", "expected_factor"), [
+    (0, 0.1),                                   # starts at 0.1 × lr
+    (250, 0.1 + 0.9 * (1 - math.sqrt(0.5)) / 2),  # cos(π/4) = √½
+    (500, 0.55),                                # half-way: midpoint of 0.1 and 1
+    (750, 0.1 + 0.9 * (1 + math.sqrt(0.5)) / 2),
+    (1000, 1.0), (5000, 1.0), (10**6, 1.0),
+])
+def test_learning_rate_cosine_warmup(step, expected_factor):
+    assert learning_rate(step, 7e-5, 1000, 0.1) == pytest.approx(7e-5 * expected_factor, rel=1e-12)
+
+
+def test_learning_rate_is_increasing_during_warmup():
+    values = [learning_rate(t, 1.0, 1000, 0.1) for t in range(1001)]
+    assert all(b > a for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, 0.0), (1, 2e-4), (2500, 0.5), (5000, 1.0), (9999, 1.9998),
+                                                (10_000, 2.0), (123_456, 2.0)])
+def test_sparsity_coefficient_linear_warmup(step, expected):
+    assert sparsity_coefficient(step, 2.0, 10_000) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_no_warmup_gives_final_values():
+    assert learning_rate(0, 3e-4, 0) == 3e-4
+    assert sparsity_coefficient(0, 0.5, 0) == 0.5
+    with pytest.raises(ValueError):
+        learning_rate(-1, 1.0)
+
+
+def test_gradient_projection_removes_parallel_component():
+    torch.manual_seed(0)
+    W = torch.randn(50, 12, dtype=torch.float64)
+    normalize_rows(W)
+    grad = torch.randn(50, 12, dtype=torch.float64)
+    original = grad.clone()
+    project_out_parallel_gradient(W, grad)
+    # orthogonal to every row
+    assert (grad * W).sum(dim=1).abs().max() < 1e-14
+    # and what was removed is parallel to the row: g − g' = (g·w) w
+    removed = original - grad
+    expected = (original * W).sum(dim=1, keepdim=True) * W
+    torch.testing.assert_close(removed, expected, rtol=0, atol=1e-14)
+
+
+def test_projection_with_non_unit_rows():
+    W = torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    grad = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    project_out_parallel_gradient(W, grad)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
+
+
+def test_step_keeps_rows_unit_norm_and_small_steps_stay_close():
+    torch.manual_seed(1)
+    W = torch.randn(40, 8, dtype=torch.float64)
+    normalize_rows(W)
+    grad = torch.randn(40, 8, dtype=torch.float64)
+    project_out_parallel_gradient(W, grad)
+    W_new = W - 1e-3 * grad
+    # a projected step changes the norm only to second order...
+    assert (W_new.norm(dim=1) - 1).abs().max() < 1e-5
+    normalize_rows(W_new)
+    # ...and renormalization puts every row back at exactly unit norm
+    assert (W_new.norm(dim=1) - 1).abs().max() < 1e-15
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adam_matches_torch_adam(fused, beta1):
+    torch.manual_seed(2)
+    p_ours = {"a": torch.randn(30, 7), "b": torch.randn(5)}
+    p_ref = [torch.nn.Parameter(t.clone()) for t in p_ours.values()]
+    ours = Adam(p_ours, beta1=beta1, beta2=0.999, eps=1e-8, fused=fused)
+    ref = torch.optim.Adam(p_ref, lr=1e-2, betas=(beta1, 0.999), eps=1e-8)
+    for step in range(6):
+        grads = [torch.randn_like(t) for t in p_ref]
+        lr = 1e-2 * (step + 1) / 6
+        for group in ref.param_groups:
+            group["lr"] = lr
+        for p, g in zip(p_ref, grads):
+            p.grad = g.clone()
+        ref.step()
+        ours.step(dict(zip(p_ours, grads)), lr)
+    for (name, mine), theirs in zip(p_ours.items(), p_ref):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_adam_state_round_trip():
+    p = {"w": torch.randn(4, 3)}
+    opt = Adam(p)
+    opt.step({"w": torch.randn(4, 3)}, 0.1)
+    state = {k: v.clone() for k, v in opt.state_tensors().items()}
+    p2 = {"w": p["w"].clone()}
+    opt2 = Adam(p2)
+    opt2.load_state_tensors(state)
+    g = torch.randn(4, 3)
+    opt.step({"w": g}, 0.1)
+    opt2.step({"w": g}, 0.1)
+    assert torch.equal(p["w"], p2["w"])
+
+
+def test_config_defaults_are_the_recipe():
+    cfg = TrainConfig(saes=[SAESpec(site="resid_post/layer_6", width=16384, sparsity_coefficient=1e-3)],
+                      total_tokens=10**6)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == (0.0, 0.999, 1e-8)
+    assert (cfg.lr, cfg.lr_warmup_steps, cfg.lr_warmup_start) == (7e-5, 1000, 0.1)
+    assert cfg.sparsity_warmup_steps == 10_000
+    assert (cfg.batch_size, cfg.bandwidth, cfg.initial_threshold) == (4096, 0.001, 0.001)
+    assert cfg.total_steps == 10**6 // 4096
+
+
+def test_config_validation_messages(tmp_path):
+    with pytest.raises(ValueError, match="transcoder reads mlp_in"):
+        SAESpec(site="resid_post/layer_1", width=8, sparsity_coefficient=0.1, kind="transcoder")
+    spec = SAESpec(site="mlp_in:3", width=8, sparsity_coefficient=0.1, kind="transcoder")
+    assert spec.target_site == "mlp_out/layer_3"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('total_tokens = 100\n[[saes]]\nsite = "resid_post/layer_1"\nwidth = 8\n'
+                   'sparsity_coefficient = 0.1\n[[saes]]\nsite = "resid_post:1"\nwidth = 8\n'
+                   'sparsity_coefficient = 0.1\n')
+    with pytest.raises(SaescopeError, match="listed twice"):
+        TrainConfig.from_file(bad, batch_size=10)
+    with pytest.raises(SaescopeError, match="does not exist"):
+        TrainConfig.from_file(tmp_path / "missing.toml")
+
+
+def test_config_toml_round_trip(tmp_path):
+    cfg = TrainConfig(saes=[SAESpec(site="resid_post/layer_6", width=4096, sparsity_coefficient=3e-4),
+                            SAESpec(site="mlp_in/layer_2", width=2048, sparsity_coefficient=1e-3,
+                                    kind="transcoder")],
+                      total_tokens=10**6, lr=3e-4, out_dir=tmp_path / "run", model="gemma-3-270m")
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    again = TrainConfig.from_file(path)
+    assert again == cfg
+    assert again.fingerprint() == cfg.fingerprint()
+    assert TrainConfig.from_file(path, total_tokens=2 * 10**6).fingerprint() == cfg.fingerprint()
+    assert TrainConfig.from_file(path, lr=1e-3).fingerprint() != cfg.fingerprint()
+
+
+def test_width_label():
+    assert [width_label(w) for w in (16384, 4096, 65536, 131072, 262144, 1 << 20, 1000, 3000)] == [
+        "16k", "4k", "65k", "131k", "262k", "1m", "1000", "3000"]
