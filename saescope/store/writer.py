@@ -96,6 +96,7 @@ class StoreWriter:
         self._buffered = 0
         self._accepted = index.rows           # rows stored + buffered
         self._pending: deque[tuple[int, int, int]] = deque()  # (chunk, first row, end row) not fully stored
+        self.document_name = str  # how error messages name a document id (the caching glue adds the name)
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -194,7 +195,7 @@ class StoreWriter:
         col = int((~finite[r]).nonzero()[0])
         raise SaescopeError(
             f"non-finite activation ({float(x[r, col])}) at site {site_id}, document "
-            f"{int(rows['document_ids'][r])}, position {int(rows['positions'][r])} (token id "
+            f"{self.document_name(int(rows['document_ids'][r]))}, position {int(rows['positions'][r])} (token id "
             f"{int(rows['token_ids'][r])}, dimension {col}); {int(bad_rows.numel())} row(s) of this chunk are "
             "affected. Nothing of this chunk was stored. Run the model in float32 (bfloat16/float16 can "
             "overflow) or drop the offending text."

@@ -1,0 +1,123 @@
+"""``saescope cache``: run a language model over a text source once and store the activations of many sites.
+
+The model runs on windows of ``context_len`` tokens (BOS first, :func:`saescope.corpus.pack_windows`), is
+stopped after the deepest requested layer (:func:`saescope.sites.read_sites`), and every position except
+BOS, EOS and padding becomes one row of the store (Gemma Scope §3), with its token id, document and position.
+One *chunk* of the store writer is one window, so a re-run of the same command skips the windows already
+stored (no forward pass for them) and continues where the killed run stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from saescope.config import Site
+from saescope.errors import SaescopeError
+from saescope.store.index import StoreIndex
+from saescope.store.writer import DEFAULT_SHARD_ROWS, StoreWriter
+
+
+def _windows_from(model, documents, context_len: int, names: list[str]) -> Iterator:
+    from saescope.corpus import pack_windows
+
+    def remember(docs):
+        for document in docs:
+            names.append(document.id)
+            yield document
+
+    return pack_windows(remember(documents), model.tokenizer, context_len)
+
+
+def cache_activations(
+    model,
+    documents: Iterable | str,
+    sites: Sequence[Site | str] | Site | str,
+    out: str | Path,
+    *,
+    context_len: int = 1024,
+    batch_size: int = 4,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    dtype: str = "float32",
+    max_tokens: int | None = None,
+    text_name: str | None = None,
+    progress: bool = True,
+) -> StoreIndex:
+    """Cache the activations of ``sites`` of ``model`` on ``documents`` into a store at ``out``.
+
+    ``model``: a :class:`saescope.models.LoadedModel` (or a name/path for :func:`saescope.models.load_model`).
+    ``documents``: a text spec (``"shakespeare"``, ``"python"``, ``"file:…"``, ``"hf:…"``) or an iterable of
+    :class:`saescope.corpus.Document` in a fixed order (pass ``text_name`` to record what it was).
+    ``batch_size`` is the number of windows per forward pass; ``max_tokens`` caps the stored rows.
+    Re-running with the same arguments resumes an unfinished store (or returns a finished one untouched).
+    """
+    from saescope.corpus import documents_from_spec
+    from saescope.models import LoadedModel, load_model
+    from saescope.sites import read_sites, site_width
+
+    if batch_size < 1:
+        raise SaescopeError(f"batch_size (windows per forward pass) must be at least 1, got {batch_size}")
+    if context_len < 2:
+        raise SaescopeError(f"context_len must be at least 2 (BOS and one token), got {context_len}")
+    if not isinstance(model, LoadedModel):
+        model = load_model(model)
+    if isinstance(documents, str):
+        text_name = text_name or documents
+        documents = documents_from_spec(documents)
+    if isinstance(sites, (str, Site)):
+        sites = [sites]
+    try:
+        parsed = [Site.parse(s) for s in sites]
+    except ValueError as exc:
+        raise SaescopeError(str(exc)) from exc
+    if not parsed:
+        raise SaescopeError("give at least one site (e.g. --sites resid_post/layer_6)")
+    if len({s.id for s in parsed}) != len(parsed):
+        raise SaescopeError(f"a site is listed twice: {', '.join(s.id for s in parsed)}")
+    widths = {s.id: site_width(model.model, s) for s in parsed}  # raises on a layer the model lacks
+
+    writer = StoreWriter(out, widths, dtype=dtype, shard_rows=shard_rows, model=model.name,
+                         context_len=context_len, max_rows=max_tokens,
+                         settings={"text": text_name or "custom documents",
+                                   "model_dtype": str(model.dtype).removeprefix("torch.")})
+    if writer.complete:
+        return writer.index
+    names: list[str] = []
+    writer.document_name = lambda i: f"{i} ({names[i]})" if 0 <= i < len(names) else str(i)
+    windows = _windows_from(model, documents, context_len, names)
+    skip = writer.chunks_done
+    bar = tqdm(total=max_tokens, initial=writer.rows, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"caching {len(parsed)} site(s) to {out}", dynamic_ncols=True)
+    try:
+        batch: list = []
+        for number, window in enumerate(windows):
+            if number < skip:
+                continue  # stored by an earlier run of the same command
+            batch.append(window)
+            if len(batch) == batch_size:
+                _forward_and_store(model, batch, parsed, writer, bar, read_sites)
+                batch = []
+                if writer.done:
+                    break
+        if batch and not writer.done:
+            _forward_and_store(model, batch, parsed, writer, bar, read_sites)
+    finally:
+        bar.close()
+    return writer.close()
+
+
+def _forward_and_store(model, windows: list, sites: list[Site], writer: StoreWriter, bar, read_sites) -> None:
+    input_ids = torch.stack([w.input_ids for w in windows])
+    acts = read_sites(model.model, input_ids, sites)
+    for i, window in enumerate(windows):
+        mask = window.mask
+        before = writer.rows
+        writer.add({site.id: acts[site.id][i][mask.to(acts[site.id].device)] for site in sites},
+                   token_ids=window.input_ids[mask], document_ids=window.document_ids[mask],
+                   positions=window.positions[mask])
+        bar.update(writer.rows - before)
+        if writer.done:
+            return
