@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_synthetic import read_store_with_safetensors
 from tiny_models import tiny_model
 
 from saescope.corpus import Document
 from saescope.errors import SaescopeError
 from saescope.models import LoadedModel
 from saescope.store import ActivationLoader, StoreIndex, cache_activations, verify_store
-from store_synthetic import read_store_with_safetensors
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -148,6 +148,7 @@ def test_non_finite_activation_stops_with_site_document_and_position(tmp_path):
 
 @pytest.mark.integration
 def test_embedded_gemma_resid_post_middle_layer_on_shakespeare(tmp_path):
+    from saescope.corpus import shakespeare_documents
     from saescope.models import load_model
     from saescope.sites import read_sites
 
@@ -166,7 +167,7 @@ def test_embedded_gemma_resid_post_middle_layer_on_shakespeare(tmp_path):
     assert ((x / loader.norm_scale(site)).square().sum(1).mean() - 1).abs() < 0.5
     # a row re-derived from its token, document and position: rerun that window and compare
     tokenizer = lm.tokenizer
-    doc_text = next(iter(__import__("saescope.corpus", fromlist=["x"]).shakespeare_documents())).text
+    doc_text = next(iter(shakespeare_documents())).text
     ids = tokenizer.encode(doc_text, add_special_tokens=False)
     row = int(torch.argmax(batch["positions"]))
     pos = int(batch["positions"][row])
