@@ -92,5 +92,43 @@ def sites(
         typer.echo(f"{site.id:<22} {width:>6}  {hook_point(loaded, site)}")
 
 
+@app.command()
+def cache(
+    model: str = typer.Argument(..., help="embedded name (gemma-3-270m, smollm2-135m), folder, .gguf or hub id"),
+    sites: list[str] = typer.Option(..., "--sites", help="site to cache, e.g. resid_post/layer_6 (repeat)"),
+    text: str = typer.Option("shakespeare", help="shakespeare, python, file:PATH or hf:NAME[:SPLIT[:COLUMN]]"),
+    out: Path = typer.Option(..., help="store folder, e.g. runs/x/activations (re-run to resume)"),
+    max_tokens: Optional[int] = typer.Option(None, help="stop after this many stored tokens"),
+    context_len: int = typer.Option(1024, help="tokens per window (BOS first)"),
+    batch_size: int = typer.Option(4, help="windows per forward pass"),
+    shard_rows: int = typer.Option(16384, help="rows per shard file"),
+    dtype: str = typer.Option("float32", help="storage dtype: float32 or bfloat16"),
+    model_dtype: str = typer.Option("float32", help="dtype to run the model in"),
+    device: str = typer.Option("cpu", help="device to run the model on"),
+) -> None:
+    """Run a model over a text once and store the activations of some sites (resumable: re-run to continue)."""
+    from saescope.config import Site
+    from saescope.models import load_model
+    from saescope.store import cache_activations
+
+    try:
+        parsed = [Site.parse(s) for s in sites]
+    except ValueError as exc:
+        fail(str(exc))
+    if dtype not in ("float32", "bfloat16"):
+        fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if max_tokens is not None and max_tokens <= 0:
+        fail(f"--max-tokens must be positive, got {max_tokens}")
+    try:
+        loaded = load_model(model, dtype=model_dtype, device=device)
+        index = cache_activations(loaded, text, parsed, out, context_len=context_len, batch_size=batch_size,
+                                  shard_rows=shard_rows, dtype=dtype, max_tokens=max_tokens)
+    except SaescopeError as exc:
+        fail(str(exc))
+    for site_id, entry in index.sites.items():
+        typer.echo(f"{site_id}: {index.rows} rows × {entry.d} ({index.dtype}), norm scale C = {entry.norm_scale:.6g}")
+    typer.echo(f"wrote the activation store to {out} ({len(index.shards)} shards)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)
