@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -27,7 +28,7 @@ def test_learning_rate_cosine_warmup(step, expected_factor):
 
 def test_learning_rate_is_increasing_during_warmup():
     values = [learning_rate(t, 1.0, 1000, 0.1) for t in range(1001)]
-    assert all(b > a for a, b in zip(values, values[1:]))
+    assert all(b > a for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.parametrize(("step", "expected"), [(0, 0.0), (1, 2e-4), (2500, 0.5), (5000, 1.0), (9999, 1.9998),

@@ -29,9 +29,9 @@ def _acts(n=2048, seed=0):
 
 
 def _config(tmp_path, specs, total_steps=24, **kw):
-    base = dict(saes=specs, total_tokens=total_steps * 128, batch_size=128, lr=3e-3, lr_warmup_steps=4,
-                sparsity_warmup_steps=6, log_every=5, checkpoint_every=0, out_dir=tmp_path,
-                threshold_parameterization="log", initial_threshold=0.05, bandwidth=0.05)
+    base = {"saes": specs, "total_tokens": total_steps * 128, "batch_size": 128, "lr": 3e-3, "lr_warmup_steps": 4,
+            "sparsity_warmup_steps": 6, "log_every": 5, "checkpoint_every": 0, "out_dir": tmp_path,
+            "threshold_parameterization": "log", "initial_threshold": 0.05, "bandwidth": 0.05}
     base.update(kw)
     return TrainConfig(**base)
 
