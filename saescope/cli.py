@@ -130,5 +130,72 @@ def cache(
     typer.echo(f"wrote the activation store to {out} ({len(index.shards)} shards)")
 
 
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="training config (.toml or .json); flags override it"),
+    store: Optional[Path] = typer.Option(None, help="activation store folder (from `saescope cache`)"),
+    out: Optional[Path] = typer.Option(None, help="run folder (checkpoints/, suite/, metrics.jsonl)"),
+    sites: list[str] = typer.Option([], "--sites", help="SAE site, e.g. resid_post/layer_6 (repeat)"),
+    transcoder_layers: list[int] = typer.Option([], "--transcoder-layer", help="train mlp_in→mlp_out "
+                                                "transcoders at this layer (repeat)"),
+    widths: list[int] = typer.Option([], "--width", help="number of latents (repeat for several)"),
+    lambdas: list[float] = typer.Option([], "--lambda", help="sparsity coefficient λ (repeat for several)"),
+    total_tokens: Optional[int] = typer.Option(None, help="tokens to train on"),
+    batch_size: Optional[int] = typer.Option(None, help="tokens per step (recipe: 4096)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (recipe: 7e-5)"),
+    lr_warmup_steps: Optional[int] = typer.Option(None, help="cosine lr warm-up steps (recipe: 1000)"),
+    sparsity_warmup_steps: Optional[int] = typer.Option(None, help="linear λ warm-up steps (recipe: 10000)"),
+    threshold_parameterization: Optional[str] = typer.Option(None, help="log (recipe) or direct"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
+    log_every: Optional[int] = typer.Option(None, help="steps between log lines"),
+    seed: Optional[int] = typer.Option(None, help="seed for initialisation and data order"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    model: Optional[str] = typer.Option(None, help="model name stored in each SAE's config"),
+    dense: bool = typer.Option(False, "--dense", help="use the plain dense step instead of the fast path"),
+    tensorboard: bool = typer.Option(False, help="also log to TensorBoard (out/tensorboard)"),
+    wandb: bool = typer.Option(False, help="also log to Weights & Biases in offline mode"),
+) -> None:
+    """Train JumpReLU SAEs / transcoders on an activation store (the Gemma Scope recipe); the same command
+    resumes from the newest checkpoint in the run folder."""
+    from saescope.train import TrainConfig, TrainingInterrupted, train_from_store
+
+    overrides = {"store": store, "out_dir": out, "total_tokens": total_tokens, "batch_size": batch_size, "lr": lr,
+                 "lr_warmup_steps": lr_warmup_steps, "sparsity_warmup_steps": sparsity_warmup_steps,
+                 "threshold_parameterization": threshold_parameterization, "checkpoint_every": checkpoint_every,
+                 "log_every": log_every, "seed": seed, "device": device, "model": model}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for flag, value in (("fast_path", False if dense else None), ("tensorboard", tensorboard or None),
+                        ("wandb", wandb or None)):
+        if value is not None:
+            overrides[flag] = value
+    if sites or transcoder_layers:
+        if not widths or not lambdas:
+            fail("give at least one --width and one --lambda with --sites / --transcoder-layer")
+        specs = [{"site": s, "width": w, "sparsity_coefficient": lam} for s in sites for w in widths
+                 for lam in lambdas]
+        specs += [{"site": f"mlp_in/layer_{layer}", "width": w, "sparsity_coefficient": lam, "kind": "transcoder"}
+                  for layer in transcoder_layers for w in widths for lam in lambdas]
+        overrides["saes"] = specs
+    elif widths or lambdas:
+        fail("--width / --lambda need --sites or --transcoder-layer")
+    try:
+        if config is not None:
+            cfg = TrainConfig.from_file(config, **overrides)
+        else:
+            if "saes" not in overrides:
+                fail("give a config file or --sites/--width/--lambda (see saescope train --help)")
+            if "total_tokens" not in overrides:
+                fail("give --total-tokens (or a config file that sets total_tokens)")
+            cfg = TrainConfig.from_dict(overrides, source="the command-line flags")
+        folders = train_from_store(cfg)
+    except TrainingInterrupted as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130) from exc
+    except SaescopeError as exc:
+        fail(str(exc))
+    for name, folder in folders.items():
+        typer.echo(f"{name} -> {folder}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)
