@@ -11,6 +11,6 @@
 """
 
 from saescope.train.config import SAESpec, TrainConfig
-from saescope.train.trainer import Trainer, TrainingInterrupted, train
+from saescope.train.trainer import Trainer, TrainingInterrupted, train, train_from_store
 
-__all__ = ["SAESpec", "TrainConfig", "Trainer", "TrainingInterrupted", "train"]
+__all__ = ["SAESpec", "TrainConfig", "Trainer", "TrainingInterrupted", "train", "train_from_store"]

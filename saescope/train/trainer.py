@@ -485,3 +485,22 @@ def train(config: TrainConfig, source: Iterable[dict[str, torch.Tensor]], norm_s
     """Train every SAE in ``config`` on ``source`` (resuming if ``out_dir`` holds a checkpoint); returns the
     suite folder of each SAE."""
     return Trainer(config, source, norm_scales, progress=progress).run()
+
+
+def train_from_store(config: TrainConfig, *, progress: bool = True) -> dict[str, Path]:
+    """Train on the activation store at ``config.store`` (``saescope cache`` writes it); resumes if
+    ``config.out_dir`` holds a checkpoint. Every check (store complete, sites present) runs before training."""
+    from saescope.store.loader import ActivationLoader
+
+    if config.store is None:
+        raise SaescopeError("no activation store given: set store = 'PATH' in the config or pass --store PATH "
+                            "(make one with `saescope cache`)")
+    if not Path(config.store).exists():
+        raise SaescopeError(f"the activation store {config.store} does not exist; make it with `saescope cache`")
+    kwargs: dict[str, Any] = {"seed": config.seed, "epochs": None}
+    if config.shuffle_buffer:
+        kwargs["shuffle_buffer"] = config.shuffle_buffer
+    loader = ActivationLoader(config.store, config.sites, config.batch_size, **kwargs)
+    norm_scales = {site: loader.norm_scale(site) for site in config.sites}
+    dims = {site: loader.d(site) for site in config.sites}
+    return Trainer(config, loader, norm_scales, dims, progress=progress).run()

@@ -1,0 +1,91 @@
+"""``saescope train`` from flags and from a config file, on a real activation store; same command resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from saescope.cli import app
+from saescope.formats import load_sae
+from saescope.store import StoreWriter
+
+runner = CliRunner()
+SITE = "resid_post/layer_1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "acts"
+    gen = torch.Generator().manual_seed(0)
+    writer = StoreWriter(path, {SITE: 16, "mlp_in/layer_0": 16, "mlp_out/layer_0": 16}, shard_rows=500)
+    dirs = torch.randn(40, 16, generator=gen)
+    for chunk in range(6):
+        n = 400
+        codes = torch.rand(n, 40, generator=gen) * (torch.rand(n, 40, generator=gen) < 0.1)
+        x = (codes @ dirs + 1.0) * 30
+        writer.add({SITE: x, "mlp_in/layer_0": x / x.norm(dim=1, keepdim=True) * 4,
+                    "mlp_out/layer_0": torch.randn(n, 16, generator=gen)},
+                   token_ids=torch.arange(n), document_ids=torch.full((n,), chunk), positions=torch.arange(n))
+    writer.close()
+    return path
+
+
+def _flags(store, out, tokens):
+    return ["train", "--store", str(store), "--out", str(out), "--sites", SITE, "--width", "32", "--width", "48",
+            "--lambda", "0.01", "--lambda", "0.1", "--transcoder-layer", "0", "--total-tokens", str(tokens),
+            "--batch-size", "100", "--lr", "3e-3", "--lr-warmup-steps", "3", "--sparsity-warmup-steps", "5",
+            "--log-every", "5", "--checkpoint-every", "7"]
+
+
+def _suite(out):
+    rows = json.loads((out / "suite" / "training_summary.json").read_text())
+    return {row["sae"]: load_sae(out / row["folder"]) for row in rows}
+
+
+def test_train_from_flags_and_resume_with_same_command(store, tmp_path):
+    straight = tmp_path / "straight"
+    result = runner.invoke(app, _flags(store, straight, 3000))
+    assert result.exit_code == 0, result.output
+    suite = _suite(straight)
+    assert len(suite) == 8                          # (1 site + 1 transcoder layer) × 2 widths × 2 λ
+    assert (straight / "suite" / "transcoder" / "layer_0").is_dir()
+    # stop half-way (a shorter run), then the same command with the full length continues from the checkpoint
+    resumed = tmp_path / "resumed"
+    assert runner.invoke(app, _flags(store, resumed, 1500)).exit_code == 0
+    result = runner.invoke(app, _flags(store, resumed, 3000))
+    assert result.exit_code == 0, result.output
+    again = _suite(resumed)
+    for name, sae in suite.items():
+        for key, value in sae.state_tensors().items():
+            assert torch.equal(value, again[name].state_tensors()[key]), (name, key)
+    # rerunning a finished run changes nothing
+    assert runner.invoke(app, _flags(store, resumed, 3000)).exit_code == 0
+
+
+def test_train_from_config_file(store, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "train.toml"
+    config.write_text(f'store = "{store}"\nout_dir = "{out}"\ntotal_tokens = 1000\nbatch_size = 100\n'
+                      'lr = 1e-3\nmodel = "toy"\n\n[[saes]]\nsite = "resid_post:1"\nwidth = 32\n'
+                      'sparsity_coefficient = 0.05\n')
+    result = runner.invoke(app, ["train", str(config), "--log-every", "2"])
+    assert result.exit_code == 0, result.output
+    (sae,) = _suite(out).values()
+    assert sae.config.model == "toy" and sae.config.site == "resid_post" and sae.config.layer == 1
+    assert sae.config.training["tokens_seen"] == 1000
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_train_cli_errors(store, tmp_path):
+    result = runner.invoke(app, ["train", "--store", str(store), "--sites", SITE, "--total-tokens", "100"])
+    assert result.exit_code == 2 and "--width" in result.output
+    result = runner.invoke(app, ["train", "--store", str(store), "--out", str(tmp_path), "--sites",
+                                 "resid_post/layer_5", "--width", "8", "--lambda", "0.1", "--total-tokens", "200",
+                                 "--batch-size", "100"])
+    assert result.exit_code == 2 and "resid_post/layer_5" in result.output
+    result = runner.invoke(app, ["train", "--store", str(tmp_path / "nope"), "--sites", SITE, "--width", "8",
+                                 "--lambda", "0.1", "--total-tokens", "200", "--batch-size", "100"])
+    assert result.exit_code == 2 and "does not exist" in result.output
