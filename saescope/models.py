@@ -11,11 +11,22 @@ A model is named by one of:
 * a Hugging Face hub id (needs network, or a warm hub cache).
 
 The tokenizer always comes from the same source as the weights.
+
+Dequantizing a GGUF takes ~30-90 s on a small CPU. The first load of a ``.gguf`` (embedded names included)
+therefore also writes the dequantized float32 weights and the tokenizer in ``save_pretrained`` layout to a
+cache folder (``$SAESCOPE_CACHE/models``, default ``~/.cache/saescope/models``), keyed by the GGUF's path,
+size and modification time; later loads read that folder in seconds and give bit-identical weights.
+``cache=False`` or ``SAESCOPE_MODEL_CACHE=0`` turns this off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +109,63 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise SaescopeError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
 
 
+def _cache_root() -> Path:
+    base = os.environ.get("SAESCOPE_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "saescope") / "models"
+
+
+def _cache_enabled(cache: bool) -> bool:
+    return cache and os.environ.get("SAESCOPE_MODEL_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def gguf_cache_dir(gguf: Path) -> tuple[Path, dict[str, Any]]:
+    """The cache folder for the dequantized weights of ``gguf`` and the stamp that identifies its source."""
+    stat = gguf.resolve().stat()
+    stamp = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_root() / f"{gguf.stem}-{key}", stamp
+
+
+_STAMP = "saescope-gguf-source.json"
+
+
+def _cached_gguf_folder(gguf: Path) -> Path | None:
+    folder, stamp = gguf_cache_dir(gguf)
+    try:
+        if json.loads((folder / _STAMP).read_text()) == stamp:
+            return folder
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _write_gguf_cache(gguf: Path, model: nn.Module, tokenizer: Any) -> None:
+    """Save a GGUF-loaded (already dequantized, float32) model + tokenizer; atomic, best effort."""
+    folder, stamp = gguf_cache_dir(gguf)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    tmp.chmod(0o755)
+    try:
+        quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
+        config_q = model.config.__dict__.pop("quantization_config", None)
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.hf_quantizer = quantizer
+            if config_q is not None:
+                model.config.quantization_config = config_q
+        tokenizer.save_pretrained(tmp)
+        (tmp / _STAMP).write_text(json.dumps(stamp, sort_keys=True))
+        if folder.exists():  # another process finished first, or a stale/partial copy: replace it
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError:
+        pass  # a read-only or full disk only costs speed next time
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _from_pretrained(folder: str, gguf_file: str | None, dtype: torch.dtype, *, offline: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,7 +180,7 @@ def _from_pretrained(folder: str, gguf_file: str | None, dtype: torch.dtype, *, 
 
 
 def load_model(name_or_path: str | Path, *, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", cache: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer, in ``dtype`` on ``device``, in eval mode.
 
     ``name_or_path``: an embedded name (``gemma-3-270m``, ``smollm2-135m``), a local ``save_pretrained``
@@ -146,8 +214,18 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | str = torch.flo
         raise SaescopeError(f"no such model file or folder: {text}")
     else:
         folder, gguf_file, name, offline = text, None, text, False
+    gguf_path = Path(folder) / gguf_file if gguf_file is not None else None
+    use_cache = gguf_path is not None and _cache_enabled(cache)
+    cached = _cached_gguf_folder(gguf_path) if use_cache else None
     try:
-        model, tokenizer = _from_pretrained(folder, gguf_file, torch_dtype, offline=offline)
+        if cached is not None:
+            model, tokenizer = _from_pretrained(str(cached), None, torch_dtype, offline=True)
+        else:
+            model, tokenizer = _from_pretrained(folder, gguf_file, torch.float32 if use_cache else torch_dtype,
+                                                offline=offline)
+            if use_cache:
+                _write_gguf_cache(gguf_path, model, tokenizer)
+                model = model.to(torch_dtype)
     except SaescopeError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, requests errors, ...
