@@ -111,11 +111,20 @@ def browser():
 
 def test_browser_load_search_click_through_and_escaping(server, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def wait_for(css: str) -> None:
+        """Wait for the page a click navigated to (clicks do not wait for form submissions)."""
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, css))
+
+    def heading_has(text: str) -> None:
+        WebDriverWait(browser, 60).until(lambda b: text in b.find_element(By.TAG_NAME, "h1").text)
 
     browser.get(server + "/")
     links = browser.find_elements(By.CSS_SELECTOR, "a.sae")
     assert [a.text for a in links] == ["resid_post/layer_0/width_24/average_l0_5", "resid_post/layer_0/width_8/average_l0_2"]
     links[0].click()
+    wait_for("#latents")
     # the latent index: sort by max activation (descending) with the header's script
     assert len(browser.find_elements(By.CSS_SELECTOR, "#latents tbody tr")) == 24
     browser.find_element(By.CSS_SELECTOR, "th[data-key='max']").click()
@@ -126,7 +135,7 @@ def test_browser_load_search_click_through_and_escaping(server, browser):
     assert freqs == sorted(freqs, reverse=True)
     # open latent 0: its top context holds the corpus's <script> token, shown as text, never run
     browser.find_element(By.CSS_SELECTOR, "#latents a[href$='/latent/0']").click()
-    assert "latent 0" in browser.find_element(By.TAG_NAME, "h1").text
+    heading_has("latent 0")
     top = browser.find_element(By.ID, "top")
     focus = top.find_element(By.CSS_SELECTOR, ".focus")
     assert focus.text == SCRIPT
@@ -134,13 +143,15 @@ def test_browser_load_search_click_through_and_escaping(server, browser):
     assert browser.find_elements(By.CSS_SELECTOR, "#top script") == []
     # navigate to the next latent and back to the index
     browser.find_element(By.ID, "next").click()
-    assert "latent 1" in browser.find_element(By.TAG_NAME, "h1").text
+    heading_has("latent 1")
     browser.find_element(By.LINK_TEXT, "all latents").click()
+    wait_for("#latents")
     # search: type a text, see per-token latents, click one, land on its dashboard
     box = browser.find_element(By.ID, "text")
     typed = "the king said <img src=x onerror=window.__pwned=1> " + SCRIPT
     box.send_keys(typed)
     browser.find_element(By.ID, "go").click()
+    wait_for("#tokens")
     tokens = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "code.token")]
     assert tokens[:3] == ["the", "king", "said"] and tokens[-1] == SCRIPT
     assert browser.find_element(By.ID, "typed").text == typed
@@ -151,5 +162,5 @@ def test_browser_load_search_click_through_and_escaping(server, browser):
     link = [a for a in last_row.find_elements(By.CSS_SELECTOR, "a.latent") if a.text == "#0"]
     assert link, last_row.text
     link[0].click()
-    assert "latent 0" in browser.find_element(By.TAG_NAME, "h1").text
+    heading_has("latent 0")
     assert float(browser.find_element(By.ID, "maxact").text) > 0
