@@ -197,5 +197,91 @@ def train(
         typer.echo(f"{name} -> {folder}")
 
 
+@app.command()
+def dashboards(
+    path: Path = typer.Argument(..., help="an SAE folder, or a run directory (every SAE under suite/)"),
+    store: Optional[Path] = typer.Option(None, help="activation store (default: <run>/activations)"),
+    model: Optional[str] = typer.Option(None, help="model for the tokenizer and logit effect (default: the "
+                                                   "SAE config's model)"),
+    top_k: int = typer.Option(20, help="top activating contexts per latent"),
+    max_tokens: Optional[int] = typer.Option(None, help="read at most this many store rows"),
+    no_html: bool = typer.Option(False, "--no-html", help="write only summary.json + latents.jsonl"),
+    device: str = typer.Option("cpu", help="device for the SAE and model"),
+) -> None:
+    """Latent dashboards (top contexts, quantile samples, histogram, logit effect) as static HTML in
+    <sae folder>/dashboards/index.html, from one streaming pass over the activation store."""
+    from saescope.dashboards import DashboardSettings
+    from saescope.dashboards.build import dashboards_for
+
+    try:
+        settings = DashboardSettings(top_k=top_k, max_rows=max_tokens)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        outs = dashboards_for(path, store=store, model=model, settings=settings, device=device, html=not no_html)
+    except SaescopeError as exc:
+        fail(str(exc))
+    for out in outs:
+        typer.echo(f"wrote {out / 'index.html'}")
+
+
+@app.command()
+def browse(
+    run_dir: Path = typer.Argument(..., help="run directory (runs/<name>) or a folder of SAEs"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind (only this machine by default)"),
+    port: int = typer.Option(8000, help="port (0 picks a free one)"),
+    model: Optional[str] = typer.Option(None, help="model for typed texts (default: each SAE config's model)"),
+    device: str = typer.Option("cpu", help="device for the SAEs and model"),
+) -> None:
+    """Serve a local web page: pick an SAE, open latent dashboards, type a text to see the latents per token."""
+    from saescope.browse import serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: serving on {host}: other machines on that network can reach this page",
+                    fg=typer.colors.YELLOW, err=True)
+    try:
+        serve(run_dir, host=host, port=port, model=model, device=device)
+    except (SaescopeError, OSError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def steer(
+    sae_path: Path = typer.Argument(..., help="SAE folder"),
+    latent: int = typer.Option(..., help="latent whose decoder direction is added"),
+    coefficient: float = typer.Option(..., help="α added to the latent's activation (see its max on the dashboard)"),
+    prompt: str = typer.Option(..., help="text to continue"),
+    model: Optional[str] = typer.Option(None, help="model (default: the SAE config's model)"),
+    max_new_tokens: int = typer.Option(30, help="tokens to generate"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    seed: int = typer.Option(0, help="sampling seed (the same for both runs)"),
+    device: str = typer.Option("cpu", help="device"),
+) -> None:
+    """Generate with a latent's decoder direction added at its site (activation addition), next to the
+    unsteered text."""
+    from saescope.formats import load_sae
+    from saescope.models import load_model
+    from saescope.steer import SteerSettings, format_side_by_side
+    from saescope.steer import steer as run_steer
+
+    try:
+        settings = SteerSettings(coefficient=coefficient, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 seed=seed)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        sae = load_sae(sae_path, device=device)
+        if not 0 <= latent < sae.d_sae:
+            fail(f"latent {latent} does not exist: this SAE has latents 0..{sae.d_sae - 1}")
+        name = model or sae.config.model
+        if not name:
+            fail("the SAE config names no model; pass --model")
+        lm = load_model(name, device=device)
+        result = run_steer(lm, lm.tokenizer, sae, latent, prompt, settings)
+    except SaescopeError as exc:
+        fail(str(exc))
+    typer.echo(format_side_by_side(result, latent, coefficient))
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)

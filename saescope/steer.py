@@ -136,3 +136,20 @@ def steered_forward(model: Any, sae: Any, latent: int, input_ids: torch.Tensor, 
     with hooked(lm, [(parsed, steer_and_read)]):
         logits = lm(input_ids=input_ids.to(next(lm.parameters()).device), use_cache=False).logits[0]
     return sae.encode(seen["x"][0].to(sae.device)).float().cpu(), logits.float().cpu()
+
+
+def format_side_by_side(result: SteerResult, latent: int, coefficient: float, width: int = 100) -> str:
+    """The prompt, then the unsteered and steered continuations in two columns."""
+    import textwrap
+
+    col = max(20, (width - 3) // 2)
+    left = textwrap.wrap(result.unsteered.replace("\n", " ⏎ "), col) or [""]
+    right = textwrap.wrap(result.steered.replace("\n", " ⏎ "), col) or [""]
+    lines = [f"prompt: {result.prompt}", "",
+             f"{'unsteered':<{col}} | {f'steered (latent {latent}, α = {coefficient:g})':<{col}}",
+             f"{'-' * col}-+-{'-' * col}"]
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        lines.append(f"{a:<{col}} | {b}")
+    return "\n".join(lines)

@@ -173,3 +173,53 @@ def load_latent(folder: str | Path, summary: dict, i: int) -> dict:
     with open(Path(folder) / LATENTS_NAME, "rb") as handle:
         handle.seek(rows[i]["offset"])
         return json.loads(handle.readline())
+
+
+def run_dir_of(folder: Path) -> Path | None:
+    """``runs/<name>`` for an SAE folder ``runs/<name>/suite/<site>/...`` (None when not in a run)."""
+    for parent in Path(folder).resolve().parents:
+        if parent.name == "suite":
+            return parent.parent
+    return None
+
+
+def dashboards_for(path: str | Path, *, store: str | Path | None = None, model: str | None = None,
+                   settings: DashboardSettings | None = None, device: str = "cpu", html: bool = True,
+                   progress: bool = True) -> list[Path]:
+    """Build dashboards for the SAE at ``path``, or for every SAE of a run directory, into
+    ``<sae folder>/dashboards``. The store defaults to ``<run>/activations``; the model (tokenizer and
+    unembedding) to each SAE's ``config.model``. Inputs are checked for all SAEs before any long work."""
+    from saescope.browse.server import find_saes
+    from saescope.dashboards.store_reader import open_store
+    from saescope.formats import load_sae
+    from saescope.models import load_model
+
+    path = Path(path)
+    if (path / "saescope.json").is_file() or not path.is_dir():
+        folders = [path]
+    else:
+        folders = [entry.folder for entry in find_saes(path)]
+    jobs = []
+    for folder in folders:
+        sae = load_sae(folder, device=device)
+        site = sae_site_id(sae)
+        if site is None:
+            raise SaescopeError(f"{folder}: the SAE's config names no site/layer, so its store rows are unknown")
+        where = Path(store) if store is not None else (run_dir_of(folder) or folder) / "activations"
+        index = open_store(where, site)
+        if index.sites[site].d != sae.d_in:
+            raise SaescopeError(f"{folder}: the store's {site} rows have width {index.sites[site].d} but the SAE "
+                                f"reads d_in={sae.d_in}")
+        name = model or sae.config.model or index.model
+        if not name:
+            raise SaescopeError(f"{folder}: no model named in the SAE config or the store; pass --model")
+        jobs.append((folder, sae, where, site, name))
+    models: dict[str, Any] = {}
+    outs = []
+    for folder, sae, where, site, name in jobs:
+        if name not in models:
+            models[name] = load_model(name, device=device)
+        lm = models[name]
+        outs.append(build_dashboards(sae, where, lm.tokenizer, lm, out=Path(folder) / "dashboards", site=site,
+                                     settings=settings, html=html, progress=progress))
+    return outs
