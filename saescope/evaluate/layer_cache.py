@@ -156,14 +156,46 @@ def spliced_losses(cache: CleanPass, site: Site | str, replacement: torch.Tensor
     return cache.losses_from(final)
 
 
+def _metric_gradient(parts: DecoderParts, final: torch.Tensor, input_ids: torch.Tensor, counted: torch.Tensor,
+                     chunk_size: int) -> torch.Tensor:
+    """``∂𝓛/∂h`` for the final hidden states ``h``, 𝓛 = Σ_counted (z_t[y_{t+1}] − mean_v z_t[v]).
+
+    Without soft-capping the logits are linear in h, so the gradient is ``W_U[y] − mean_v W_U[v]`` (the
+    unembedding bias cancels): no logits at all. With soft-capping, logits are built and differentiated
+    ``chunk_size`` rows at a time.
+    """
+    d = final.shape[-1]
+    grad = torch.zeros_like(final)
+    weights = counted.to(final.device).to(final.dtype)
+    targets = input_ids[:, 1:]
+    weight = getattr(parts.unembed, "weight", None)
+    if parts.softcap is None and isinstance(parts.unembed, nn.Linear) and weight is not None:
+        w = weight.detach()
+        grad[:, :-1] = (w[targets] - w.mean(dim=0)).to(final.dtype) * weights[..., None]
+        return grad
+    leaf = final.detach().requires_grad_(True)
+    h = leaf[:, :-1].reshape(-1, d)
+    flat_targets = targets.reshape(-1)
+    flat_weights = weights.reshape(-1)
+    with torch.enable_grad():
+        for lo in range(0, h.shape[0], chunk_size):
+            hi = lo + chunk_size
+            logits = parts.unembed(h[lo:hi]).float()
+            if parts.softcap is not None:
+                logits = torch.tanh(logits / parts.softcap) * parts.softcap
+            metric = logits.gather(-1, flat_targets[lo:hi, None]).squeeze(-1) - logits.mean(dim=-1)
+            (metric * flat_weights[lo:hi]).sum().backward()
+    return leaf.grad if leaf.grad is not None else grad
+
+
 def mean_centered_logit_gradient(cache: CleanPass, site: Site | str, counted: torch.Tensor) -> torch.Tensor:
     """``∇_x 𝓛`` at ``site`` on the clean model, ``[batch, seq, width]`` (Gemma Scope App. C.3).
 
     𝓛 is the sum over counted positions t (``counted [batch, seq-1]``) of the mean-centred logit of the
     correct next token, ``z_t[y_{t+1}] − mean_v z_t[v]`` (after soft-capping where the model has it). One
     backward pass serves the whole batch, so the gradient at position t also carries x_t's effect on later
-    positions' logits (the usual attribution-patching approximation). Logits are built ``chunk_size`` rows
-    at a time: the backward goes first to the final hidden states chunk by chunk, then through the layers.
+    positions' logits (the usual attribution-patching approximation). The gradient is taken first at the
+    final hidden states (:func:`_metric_gradient`), then carried back through the layers.
     """
     site = Site.parse(site)
     parts = cache.parts
@@ -181,21 +213,8 @@ def mean_centered_logit_gradient(cache: CleanPass, site: Site | str, counted: to
                     final = _run_from(cache, site.layer)
             if not final.requires_grad:
                 return torch.zeros_like(x)
-            leaf = final.detach().requires_grad_(True)
-            d = leaf.shape[-1]
-            h = leaf[:, :-1].reshape(-1, d)
-            targets = cache.input_ids[:, 1:].reshape(-1)
-            weights = counted.to(h.device).reshape(-1).to(torch.float32)
-            for lo in range(0, h.shape[0], cache.chunk_size):
-                hi = lo + cache.chunk_size
-                logits = parts.unembed(h[lo:hi]).float()
-                if parts.softcap is not None:
-                    logits = torch.tanh(logits / parts.softcap) * parts.softcap
-                metric = logits.gather(-1, targets[lo:hi, None]).squeeze(-1) - logits.mean(dim=-1)
-                (metric * weights[lo:hi]).sum().backward()
-            if leaf.grad is None:
-                return torch.zeros_like(x)
-            (grad,) = torch.autograd.grad(final, x, grad_outputs=leaf.grad, allow_unused=True)
+            grad_final = _metric_gradient(parts, final.detach(), cache.input_ids, counted, cache.chunk_size)
+            (grad,) = torch.autograd.grad(final, x, grad_outputs=grad_final, allow_unused=True)
     finally:
         for p, r in zip(params, saved):
             p.requires_grad_(r)
