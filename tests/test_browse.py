@@ -4,6 +4,7 @@ shows as text (and never runs)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import urllib.request
@@ -164,3 +165,29 @@ def test_browser_load_search_click_through_and_escaping(server, browser):
     link[0].click()
     heading_has("latent 0")
     assert float(browser.find_element(By.ID, "maxact").text) > 0
+
+
+def test_cli_dashboards_and_steer(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from saescope.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    runner = CliRunner()
+    result = runner.invoke(app, ["dashboards", str(run), "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    small = run / "suite" / "resid_post" / "layer_0" / "width_8" / "average_l0_2"
+    summary = json.loads((small / "dashboards" / "summary.json").read_text())
+    assert summary["d_sae"] == 8 and summary["settings"]["top_k"] == 3
+    assert summary["rows"] == StoreIndex.load(run / "activations").rows
+    assert (small / "dashboards" / "latents" / "7.html").is_file()
+    # bad input fails fast with exit code 2 and a message
+    result = runner.invoke(app, ["dashboards", str(small), "--store", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no activation store" in result.output
+    result = runner.invoke(app, ["steer", str(small), "--latent", "3", "--coefficient", "40", "--prompt",
+                                 "the king said", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "unsteered" in result.output and "steered (latent 3, α = 40)" in result.output
+    result = runner.invoke(app, ["steer", str(small), "--latent", "8", "--coefficient", "1", "--prompt", "x"])
+    assert result.exit_code == 2 and "latent 8 does not exist" in result.output
