@@ -283,5 +283,53 @@ def steer(
     typer.echo(format_side_by_side(result, latent, coefficient))
 
 
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="run directory with suite/ (from saescope train)"),
+    model: Optional[str] = typer.Option(None, help="model (default: the one the SAEs name)"),
+    domains: list[str] = typer.Option(["shakespeare", "python"], "--domain",
+                                      help="held-out text domain (repeat): shakespeare, python, file:PATH, hf:NAME"),
+    held_out_fraction: float = typer.Option(0.1, help="fraction of documents held out (as when caching)"),
+    context_len: int = typer.Option(1024, help="tokens per window, BOS first (Gemma Scope: 1024)"),
+    windows: int = typer.Option(8, help="held-out windows per domain"),
+    batch_size: int = typer.Option(2, help="windows per forward pass"),
+    uniformity_tokens: int = typer.Option(2048, help="tokens per SAE for App. C.3 uniformity (0: skip)"),
+    device: str = typer.Option("cpu", help="device"),
+) -> None:
+    """Evaluate every SAE of a run on held-out text: L0, FVU, MSE, cosine, Δ LM loss (whole, by position,
+    per domain), loss recovered, latent density, uniformity (App. C.3). Writes RUN_DIR/eval/table.json."""
+    from saescope.evaluate.run import EvalConfig, evaluate_run
+
+    try:
+        config = EvalConfig(domains=domains, held_out_fraction=held_out_fraction, context_len=context_len,
+                            windows_per_domain=windows, batch_size=batch_size,
+                            uniformity_tokens=uniformity_tokens, model=model, device=device)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        path = evaluate_run(run_dir, config)
+    except SaescopeError as exc:
+        fail(str(exc))
+    table = json.loads(path.read_text())
+    typer.echo(f"{'sae':<52} {'L0':>8} {'FVU':>8} {'Δ loss':>8}")
+    for row in table["rows"]:
+        cells = [row.get(k) for k in ("l0", "fvu", "delta_loss")]
+        typer.echo(f"{row['name']:<52} " + " ".join(f"{c:8.4g}" if c is not None else f"{'-':>8}" for c in cells))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="run directory evaluated by saescope evaluate")) -> None:
+    """Write RUN_DIR/report/index.html (offline page: frontiers, Δ loss by position, densities, uniformity,
+    per-domain table, config), the figures as PNG and metrics.json."""
+    from saescope.report import write_report
+
+    try:
+        page = write_report(run_dir)
+    except SaescopeError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {page}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)
