@@ -13,9 +13,9 @@ import torch
 @torch.no_grad()
 def project_out_parallel_gradient(W_dec: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Remove from each row of ``grad`` its component along the matching row of ``W_dec`` (in place)."""
-    norms_sq = (W_dec * W_dec).sum(dim=1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).tiny)
-    parallel = (grad * W_dec).sum(dim=1, keepdim=True) / norms_sq
-    grad.sub_(parallel * W_dec)
+    norms_sq = torch.linalg.vecdot(W_dec, W_dec).clamp_min(torch.finfo(W_dec.dtype).tiny)
+    parallel = torch.linalg.vecdot(grad, W_dec) / norms_sq
+    grad.addcmul_(parallel.unsqueeze(1), W_dec, value=-1.0)
     return grad
 
 

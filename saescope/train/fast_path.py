@@ -28,11 +28,13 @@ _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 
 def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reused buffer for the pre-activations (a fresh 268 MB tensor per step costs page faults)."""
+    """A reused buffer for the pre-activations and their mask (a fresh 268 MB tensor per step costs page
+    faults)."""
     key = (shape, dtype, device)
     buf = _WORKSPACE.get(key)
     if buf is None:
-        _WORKSPACE.clear()
+        if len(_WORKSPACE) >= 4:
+            _WORKSPACE.clear()
         buf = _WORKSPACE[key] = torch.empty(shape, dtype=dtype, device=device)
     return buf
 
@@ -83,9 +85,11 @@ def sparse_training_step(
     # (b_enc is added after the product, as in the dense ``x @ W_enc + b_enc``: z_bi = (xW)_bi + b_enc,i.)
     xw = torch.mm(xc, W_enc, out=_workspace((B, d_sae), W_enc.dtype, W_enc.device))
     wide = torch.promote_types(xw.dtype, threshold.dtype)
-    # generous pre-filter z − θ > −ε (a superset of the window and of the active pairs)
+    # generous pre-filter z − θ > −ε (a superset of the window and of the active pairs); the pairs it lets
+    # through that are neither active nor in the window get weight 0 below
     lower = (threshold.to(wide) - eps - b_enc.to(wide)).to(xw.dtype)
-    flat = torch.nonzero((xw > lower).view(-1)).squeeze(1)
+    mask = torch.gt(xw, lower, out=_workspace((B, d_sae), torch.bool, W_enc.device))
+    flat = torch.nonzero(mask.view(-1)).squeeze(1)          # row-major: sorted by token
     rows = torch.div(flat, d_sae, rounding_mode="floor")
     cols = flat - rows * d_sae
     zv = xw.view(-1)[flat] + b_enc[cols]
@@ -93,21 +97,19 @@ def sparse_training_step(
     u = zv.to(wide) - theta_v                               # same arithmetic as saescope.sae.ste
     active = u > 0
     window = (u / eps).abs() < 0.5
-    keep = active | window
-    rows, cols, zv, theta_v, active, window = (t[keep] for t in (rows, cols, zv, theta_v, active, window))
+    f = zv * active                                         # JumpReLU: z·H(z − θ)
 
-    # Decoder on active latents only: x̂_b = Σ_{i active} z_bi W_dec[i] + b_dec.
-    a_rows, a_cols, a_f = rows[active], cols[active], zv[active]
-    l0_counts = torch.bincount(a_rows, minlength=B)
-    x_hat = F.embedding_bag(a_cols, W_dec, _offsets(l0_counts), mode="sum", per_sample_weights=a_f)
+    # Decoder: x̂_b = Σ_i f_bi W_dec[i] + b_dec, a weighted bag of decoder rows per token.
+    row_counts = torch.bincount(rows, minlength=B)
+    x_hat = F.embedding_bag(cols, W_dec, _offsets(row_counts), mode="sum", per_sample_weights=f)
     x_hat += b_dec
     residual = x_hat.sub_(target)                           # x̂ − t (x_hat is not needed any more)
     reconstruction = residual.pow(2).sum(dim=1)
     g_xhat = residual.mul_(2.0 / B)
 
-    # g_f = g_x̂ W_decᵀ at the kept pairs only (rows are sorted: a CSR pattern).
+    # g_f = g_x̂ W_decᵀ at the candidate pairs only (a CSR pattern: rows are sorted).
     crow = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.bincount(rows, minlength=B), dim=0, out=crow[1:])
+    torch.cumsum(row_counts, dim=0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=W_dec.dtype, device=x.device),
@@ -115,28 +117,30 @@ def sparse_training_step(
     g_f = torch.sparse.sampled_addmm(pattern, g_xhat, W_dec.t(), beta=0.0).values()
 
     # θ: both STE terms, window pairs only.
-    w_cols = cols[window]
-    g_theta_pairs = g_f[window].to(wide) * (-theta_v[window] / eps) - (lam / B) / eps
-    grad_threshold = torch.zeros(d_sae, dtype=wide, device=x.device).index_add_(0, w_cols, g_theta_pairs)
+    g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - (lam / B) / eps) * window
+    grad_threshold = torch.zeros(d_sae, dtype=wide, device=x.device).index_add_(0, cols, g_theta_pairs)
 
-    # Encoder / decoder weights: bag-sums grouped by latent over the active pairs.
-    g_z = g_f[active]
-    grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=x.device).index_add_(0, a_cols, g_z)
-    order = torch.argsort(a_cols, stable=True)
-    by_latent = _offsets(torch.bincount(a_cols, minlength=d_sae))
-    tokens = a_rows[order]
-    grad_W_dec = F.embedding_bag(tokens, g_xhat, by_latent, mode="sum", per_sample_weights=a_f[order])
+    # Encoder / decoder weights: bag-sums grouped by latent (weights 0 where the latent did not fire).
+    g_z = g_f * active
+    grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=x.device).index_add_(0, cols, g_z)
+    order = torch.argsort(cols, stable=True)
+    by_latent = _offsets(torch.bincount(cols, minlength=d_sae))
+    tokens = rows[order]
+    grad_W_dec = F.embedding_bag(tokens, g_xhat, by_latent, mode="sum", per_sample_weights=f[order])
     grad_W_enc = F.embedding_bag(tokens, xc, by_latent, mode="sum", per_sample_weights=g_z[order]).t()
     grad_b_dec = g_xhat.sum(dim=0)
     if apply_b_dec_to_input:
         grad_b_dec -= W_enc @ grad_b_enc
 
-    l0 = l0_counts.to(reconstruction.dtype)
-    loss = (reconstruction + lam * l0).mean()
+    active_rows, active_cols = rows[active], cols[active]
+    l0_counts = torch.bincount(active_rows, minlength=B)
+    loss = (reconstruction + lam * l0_counts.to(reconstruction.dtype)).mean()
     centred = target - target.mean(dim=0)
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
+    fired[active_cols] = True
     return StepResult(
         loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
-        total_variance=float(centred.pow(2).sum()), fired=torch.bincount(a_cols, minlength=d_sae) > 0,
+        total_variance=float(centred.pow(2).sum()), fired=fired,
         grads={"W_enc": grad_W_enc, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
                "threshold": grad_threshold.to(threshold.dtype)},
     )
