@@ -108,6 +108,7 @@ def cache(
 ) -> None:
     """Run a model over a text once and store the activations of some sites (resumable: re-run to continue)."""
     from saescope.config import Site
+    from saescope.corpus import documents_from_spec
     from saescope.models import load_model
     from saescope.store import cache_activations
 
@@ -117,12 +118,15 @@ def cache(
         fail(str(exc))
     if dtype not in ("float32", "bfloat16"):
         fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    if max_tokens is not None and max_tokens <= 0:
-        fail(f"--max-tokens must be positive, got {max_tokens}")
+    for name, value in (("--max-tokens", max_tokens), ("--context-len", context_len),
+                        ("--batch-size", batch_size), ("--shard-rows", shard_rows)):
+        if value is not None and value <= 0:
+            fail(f"{name} must be positive, got {value}")
     try:
+        documents = documents_from_spec(text)  # checks the spec before the model loads
         loaded = load_model(model, dtype=model_dtype, device=device)
-        index = cache_activations(loaded, text, parsed, out, context_len=context_len, batch_size=batch_size,
-                                  shard_rows=shard_rows, dtype=dtype, max_tokens=max_tokens)
+        index = cache_activations(loaded, documents, parsed, out, context_len=context_len, batch_size=batch_size,
+                                  shard_rows=shard_rows, dtype=dtype, max_tokens=max_tokens, text_name=text)
     except SaescopeError as exc:
         fail(str(exc))
     for site_id, entry in index.sites.items():
