@@ -164,7 +164,11 @@ def test_embedded_gemma_resid_post_middle_layer_on_shakespeare(tmp_path):
     assert torch.isfinite(x).all() and x.shape == (100, 640)
     # C from the recipe's measurement on this model (median norm ≈ 3,200, so C of a few thousand)
     assert 1000 < loader.norm_scale(site) < 10000
-    assert ((x / loader.norm_scale(site)).square().sum(1).mean() - 1).abs() < 0.5
+    # over the whole store (15 batches of 100 = all 1500 rows) E‖x/C‖² = 1
+    everything = torch.cat([batch[site]] + [b[site] for b in loader])
+    assert everything.shape[0] == 1500
+    mean_sq = (everything.double() / loader.norm_scale(site)).square().sum(1).mean().item()
+    assert mean_sq == pytest.approx(1.0, rel=1e-6)
     # a row re-derived from its token, document and position: rerun that window and compare
     tokenizer = lm.tokenizer
     doc_text = next(iter(shakespeare_documents())).text
@@ -176,3 +180,51 @@ def test_embedded_gemma_resid_post_middle_layer_on_shakespeare(tmp_path):
     window = torch.tensor([[tokenizer.bos_token_id, *ids[start:start + 127]]])
     again = read_sites(lm.model, window, [site])[site][0, pos - start + 1]
     torch.testing.assert_close(x[row], again.float(), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--sites", "resid_pre/layer_6"], "cannot read site"),
+    (["--sites", "resid_post/layer_6", "--dtype", "float16"], "float32 or bfloat16"),
+    (["--sites", "resid_post/layer_6", "--max-tokens", "0"], "--max-tokens must be positive"),
+    (["--sites", "resid_post/layer_6", "--text", "poems"], "cannot read text spec"),
+])
+def test_cli_cache_refuses_bad_input_before_loading_the_model(tmp_path, argv, words):
+    from typer.testing import CliRunner
+
+    from saescope.cli import app
+
+    result = CliRunner().invoke(app, ["cache", "no-such-model", *argv, "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_cache_end_to_end_on_a_saved_tiny_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from typer.testing import CliRunner
+
+    from saescope.cli import app
+
+    vocab = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, **{chr(29 + i): i for i in range(3, 97)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    fast.save_pretrained(folder)
+    (tmp_path / "text.txt").write_text("to be or not to be, that is the question\n" * 4)
+    argv = ["cache", str(folder), "--sites", "resid_post/layer_1", "--sites", "mlp_out/layer_2",
+            "--text", f"file:{tmp_path / 'text.txt'}", "--out", str(tmp_path / "s"), "--context-len", "16",
+            "--shard-rows", "30", "--dtype", "bfloat16"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    index = StoreIndex.load(tmp_path / "s")
+    assert index.complete and index.dtype == "bfloat16" and set(index.sites) == {"resid_post/layer_1",
+                                                                              "mlp_out/layer_2"}
+    assert index.rows == len(fast.encode((tmp_path / "text.txt").read_text(), add_special_tokens=False))
+    assert f"norm scale C = {index.sites['mlp_out/layer_2'].norm_scale:.6g}" in result.output
+    before = tree(tmp_path / "s")
+    again = CliRunner().invoke(app, argv)  # finished store: the same command changes nothing
+    assert again.exit_code == 0 and tree(tmp_path / "s") == before
+    batch = next(iter(ActivationLoader(tmp_path / "s", batch_size=16, with_tokens=True)))
+    assert batch["resid_post/layer_1"].shape == (16, 32) and batch["mlp_out/layer_2"].shape == (16, 32)
