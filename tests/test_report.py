@@ -157,12 +157,13 @@ def test_report_page_has_figures_tables_and_config(evaluated):
     text = page.read_text(encoding="utf-8")
     parsed = _Page()
     parsed.feed(text)
-    assert len(parsed.images) == 5
+    assert len(parsed.images) == 6
     for src in parsed.images:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    for fig in ("frontier_fvu", "frontier_delta_loss", "delta_loss_by_position", "density", "uniformity"):
+    for fig in ("frontier_fvu", "frontier_delta_loss", "delta_loss_by_position", "density", "domains",
+                "uniformity"):
         assert (run / "report" / "figures" / f"{fig}.png").stat().st_size > 5000
         assert f"fig-{fig}" in parsed.ids
     assert parsed.rows["summary-table"] == 1 + 4
@@ -197,7 +198,7 @@ def test_report_renders_in_headless_chromium(evaluated, browser, tmp_path):
     browser.get(page.resolve().as_uri())
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
-    assert len(images) == 5
+    assert len(images) == 6
     assert all(done and w > 300 and h > 200 for done, w, h in images)
     rows = browser.execute_script("return document.querySelectorAll('#domain-table tbody tr').length")
     assert rows == 8

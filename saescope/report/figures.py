@@ -100,6 +100,25 @@ def density_histograms(results: Sequence[Mapping[str, Any]], path: Path) -> Path
     return _save(fig, path)
 
 
+def domain_bars(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Δ loss per text domain, grouped bars per SAE (as the paper's Δ loss per Pile subset)."""
+    domains = sorted({d for r in results for d in r.get("domains", {})})
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(results) * max(1, len(domains))), 4.4))
+    width = 0.8 / max(1, len(domains))
+    for j, dom in enumerate(domains):
+        xs = [i + (j - (len(domains) - 1) / 2) * width for i in range(len(results))]
+        ys = [(r.get("domains", {}).get(dom) or {}).get("delta_loss") or 0.0 for r in results]
+        ax.bar(xs, ys, width=width, label=dom)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels([f"{r['name']}\n(L0 {r['metrics']['l0']:.0f})" for r in results], fontsize=6,
+                       rotation=20, ha="right")
+    ax.set_ylabel("Δ LM loss (nats)")
+    ax.set_title("Δ loss per text domain")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_figures(results: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, Path]:
     """Every figure of the report, as PNG files in ``folder``; returns ``{figure id: path}``."""
     folder = Path(folder)
@@ -110,6 +129,7 @@ def write_figures(results: Sequence[Mapping[str, Any]], folder: Path) -> dict[st
                                         ylabel="Δ LM loss (nats)", title="Sparsity–fidelity: Δ LM loss vs L0"),
         "delta_loss_by_position": delta_loss_by_position(results, folder / "delta_loss_by_position.png"),
         "density": density_histograms(results, folder / "density.png"),
+        "domains": domain_bars(results, folder / "domains.png"),
         "uniformity": frontier(results, "r_l0", folder / "uniformity.png", ylabel="r_L0 = exp(S(p)) / ‖y‖₀",
                                title="Uniformity of active latent importance (App. C.3)"),
     }

@@ -30,6 +30,7 @@ FIGURE_TITLES = {
     "density": ("Latent firing frequencies",
                 ("Histogram of log10(fraction of held-out tokens on which each latent fires); dead latents never "
                 "fire and are left out of the histogram; the dashed line marks 10% (dense).")),
+    "domains": ("Δ loss per text domain", "Held-out text of each domain (the paper breaks Δ loss down by Pile subset)."),
     "uniformity": ("Uniformity of active latent importance",
                    ("r_L0 = exp(S(p)) / ‖y‖₀ with p ∝ |y|, y = f ⊙ W_dec ∇ₓ𝓛 and 𝓛 the mean-centred logit of the "
                    "correct next token (App. C.3, eq. 13). 1 when every active latent matters equally.")),
@@ -108,7 +109,7 @@ def render_html(table: Mapping[str, Any], figures: Mapping[str, Path], *, title:
     parts.append("<h2 id='figures'>Figures</h2>")
     for key, path in figures.items():
         head, caption = FIGURE_TITLES.get(key, (key, ""))
-        wide = " class='wide'" if key == "density" else ""
+        wide = " class='wide'" if key in ("density", "domains") else ""
         parts.append(f"<figure id='fig-{key}'{wide}><img alt='{html.escape(head)}' src='{_image(path)}'>"
                      f"<figcaption><b>{html.escape(head)}.</b> {html.escape(caption)} "
                      f"(<a href='figures/{html.escape(path.name)}'>PNG</a>)</figcaption></figure>")
