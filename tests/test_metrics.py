@@ -175,7 +175,8 @@ def test_evaluate_saes_matches_an_independent_computation():
         mask[:, 0] = False  # BOS
         mask[1, 9] = False  # an EOS inside the window
         batches.append(EvalBatch("python" if i == 1 else "shakespeare", ids, mask))
-    results = {r["name"]: r for r in evaluate_saes(model, saes, batches, uniformity_tokens=0, progress=False)}
+    results = {r["name"]: r for r in evaluate_saes(model, saes, batches, uniformity_tokens=0, progress=False,
+                                                   token_chunk=5)}
     for name, sae in saes.items():
         site = f"{sae.config.site}/layer_{sae.config.layer}"
         xs, xhs, fs, clean, spliced = [], [], [], [], []

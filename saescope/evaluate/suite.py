@@ -102,6 +102,7 @@ def evaluate_saes(
     uniformity_tokens: int = 4096,
     chunk_size: int = 512,
     position_bins: int = 32,
+    token_chunk: int = 2048,
     progress: bool = True,
     total_batches: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -109,7 +110,8 @@ def evaluate_saes(
 
     ``saes`` maps names to SAE objects (``encode``/``decode``/``W_dec`` and ``config.site``/``layer``) or is
     a list of :class:`EvalTarget`. ``uniformity_tokens`` caps the tokens (per SAE) used for App. C.3
-    (it needs a backward pass); 0 turns it off.
+    (it needs a backward pass); 0 turns it off. Latents are built ``token_chunk`` tokens at a time, so memory
+    stays bounded for wide SAEs.
     """
     targets = [EvalTarget.of(n, s) for n, s in saes.items()] if isinstance(saes, Mapping) else list(saes)
     if not targets:
@@ -142,13 +144,16 @@ def evaluate_saes(
             state = states[t.name]
             x_in = cache.sites[t.read_site.id]
             x_out = cache.sites[t.write_site.id]
-            f, x_hat = _reconstruct(t.sae, x_in[mask])
-            x_true = x_out[mask]
-            for key in ("all", batch.domain):
-                acc = state.recon.setdefault(key, ReconstructionAccumulator(d_sae=f.shape[-1]))
-                acc.update(x_true, x_hat, f)
+            x_sel, x_true = x_in[mask], x_out[mask]
+            x_hat = torch.empty(x_true.shape, dtype=x_true.dtype, device=x_true.device)
+            for lo in range(0, x_sel.shape[0], token_chunk):  # latents [token_chunk, d_sae] at a time
+                f, x_hat_part = _reconstruct(t.sae, x_sel[lo:lo + token_chunk])
+                x_hat[lo:lo + token_chunk] = x_hat_part.to(x_hat.dtype)
+                for key in ("all", batch.domain):
+                    acc = state.recon.setdefault(key, ReconstructionAccumulator(d_sae=f.shape[-1]))
+                    acc.update(x_true[lo:lo + token_chunk], x_hat_part, f)
             full = x_out.clone()
-            full[mask] = x_hat.to(full.dtype)
+            full[mask] = x_hat
             spliced = spliced_losses(cache, t.write_site, full, mask)
             for key in ("all", batch.domain):
                 state.loss.setdefault(key, LossAccumulator()).update(
@@ -160,8 +165,8 @@ def evaluate_saes(
                 take = torch.zeros_like(mask)
                 take[:, :-1] = counted
                 g = grad[take]
-                f_all = t.sae.encode(x_in[take])
                 keep = min(uniformity_left[t.name], g.shape[0])
+                f_all = t.sae.encode(x_in[take][:keep])
                 w_dec = t.sae.W_dec.to(torch.float32)
                 y = f_all[:keep].float() * (g[:keep].float() @ w_dec.T)
                 state.uniformity.update(y)
