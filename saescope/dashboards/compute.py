@@ -89,7 +89,7 @@ class Selection:
               gather_windows) -> None:
         """Offer candidates (one per firing); keep the ``size`` smallest keys per latent.
 
-        ``gather_windows(rows, latents) -> [n, window]`` is called only for candidates that can enter.
+        ``gather_windows(rows, latents) -> [n, window]`` is called only for the candidates that entered.
         Among equal keys the earlier store row wins (candidates come after the kept entries).
         """
         if self.size == 0 or latents.numel() == 0:
@@ -107,28 +107,31 @@ class Selection:
         rank = torch.arange(latents.numel()) - torch.repeat_interleave(starts, counts)
         keep = rank < self.size
         latents, keys, rows, values, rank = latents[keep], keys[keep], rows[keep], values[keep], rank[keep]
-        windows = gather_windows(rows, latents)
         slot_of = torch.zeros(int(latents.max()) + 1, dtype=torch.int64)
         slot_of[touched] = torch.arange(touched.numel())
         t = touched.numel()
         c_keys = torch.full((t, self.size), math.inf, dtype=torch.float64)
         c_rows = torch.full((t, self.size), -1, dtype=torch.int64)
         c_vals = torch.zeros((t, self.size), dtype=torch.float32)
-        c_win = torch.zeros((t, self.size, windows.shape[-1]), dtype=torch.float32)
         slot = slot_of[latents]
         c_keys[slot, rank] = keys
         c_rows[slot, rank] = rows
         c_vals[slot, rank] = values
-        c_win[slot, rank] = windows
         all_keys = torch.cat([self.keys[touched], c_keys], dim=1)
-        all_rows = torch.cat([self.rows[touched], c_rows], dim=1)
         # stable sort on the key: kept entries (earlier rows) precede new ones with the same key
         pick = torch.sort(all_keys, dim=1, stable=True).indices[:, :self.size]
+        new_rows = torch.cat([self.rows[touched], c_rows], dim=1).gather(1, pick)
         self.keys[touched] = all_keys.gather(1, pick)
-        self.rows[touched] = all_rows.gather(1, pick)
+        self.rows[touched] = new_rows
         self.values[touched] = torch.cat([self.values[touched], c_vals], dim=1).gather(1, pick)
-        all_win = torch.cat([self.windows[touched], c_win], dim=1)
-        self.windows[touched] = all_win.gather(1, pick[..., None].expand(-1, -1, all_win.shape[-1]))
+        # windows: kept entries keep theirs; only entries that just entered are gathered from the block
+        width = self.windows.shape[-1]
+        windows = self.windows[touched].gather(1, pick.clamp(max=self.size - 1)[..., None].expand(-1, -1, width))
+        entered = (pick >= self.size) & (new_rows >= 0)
+        t_idx, s_idx = entered.nonzero(as_tuple=True)
+        if t_idx.numel():
+            windows[t_idx, s_idx] = gather_windows(new_rows[t_idx, s_idx], touched[t_idx])
+        self.windows[touched] = windows
 
 
 @dataclass
