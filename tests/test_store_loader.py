@@ -151,3 +151,14 @@ def test_bad_requests_are_refused(store, tmp_path):
     StoreWriter(tmp_path / "unfinished", SITES)
     with pytest.raises(SaescopeError, match="unfinished"):
         ActivationLoader(tmp_path / "unfinished")
+
+
+def test_a_new_iterator_supersedes_the_old_one_and_continues_the_stream(store, want):
+    ld = loader(store, seed=5, epochs=1, shuffle_buffer=64)  # many blocks, so both buffer sets are in use
+    reference = [b["rows"] for b in collect(loader(store, seed=5, epochs=1, shuffle_buffer=64))]
+    old = iter(ld)
+    first = [next(old)["rows"] for _ in range(3)]
+    rest = [b["rows"] for b in ld]  # continues from batch 3
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, reference)) and len(first + rest) == len(reference)
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(old)

@@ -118,6 +118,7 @@ class ActivationLoader:
         self._epoch = 0
         self._batch = 0
         self._buffers: list[dict[str, torch.Tensor]] = []
+        self._reader: _Prefetcher | None = None
         if self.batches_per_epoch == 0:
             raise SaescopeError(
                 f"the store has {self.rows} rows, too few for one batch of {self.batch_size} per rank "
@@ -262,11 +263,17 @@ class ActivationLoader:
         pos = self._batch * self.batch_size
         block_no = pos // self.shuffle_buffer
         offset = pos - block_no * self.shuffle_buffer
-        reader = _Prefetcher(self, pieces, epoch, block_no, n_blocks, self.prefetch)
+        if self._reader is not None:  # an earlier iterator of this loader: stop it, its buffers are reused
+            self._reader.stop()
+            self._reader.closed = True
+        reader = self._reader = _Prefetcher(self, pieces, epoch, block_no, n_blocks, self.prefetch)
         extra = (*TOKEN_KEYS, "rows") if self.with_tokens else ()
         try:
             block = reader.next()
             while self._batch < n_batches:
+                if reader.closed:
+                    raise RuntimeError("this iterator of the ActivationLoader was superseded by a newer one "
+                                       "(they share the shuffle buffers); keep iterating the newest")
                 size_now = min(self.batch_size, n_rank - self._batch * self.batch_size)
                 parts = []
                 filled = 0
@@ -295,6 +302,8 @@ class ActivationLoader:
                 yield batch
         finally:
             reader.stop()
+            if self._reader is reader:
+                self._reader = None
 
 
 def _gather(source: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
@@ -319,6 +328,7 @@ class _Prefetcher:
         self._thread: threading.Thread | None = None
         self._result: dict | None = None
         self._error: BaseException | None = None
+        self.closed = False
         if enabled:
             self._start()
 
