@@ -93,13 +93,15 @@ def run_with_splice(
     return_logits: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     splice_mask: torch.Tensor | None = None,
+    grad: bool = False,
 ) -> SpliceOutput:
     """Run ``model`` on ``input_ids`` with the activation at ``site`` replaced by ``fn(activation)``.
 
     ``fn=None`` (or ``site=None``) is the clean run. ``fn`` receives the site's activation
     ``[batch, seq, width]`` and must return the same shape (e.g. ``sae.forward``). ``splice_mask``
     (bool ``[batch, seq]``) limits the replacement to the True positions and leaves the others clean
-    (e.g. False at BOS, which Gemma Scope leaves clean when measuring Δ loss). Runs without gradients.
+    (e.g. False at BOS, which Gemma Scope leaves clean when measuring Δ loss). Runs without gradients
+    unless ``grad=True`` (e.g. for ``∇_x L`` at the site, App. C.3; memory then grows with the batch).
     The final hidden states are unembedded in chunks by :func:`token_cross_entropy`; full logits are only
     built when ``return_logits`` is set.
     """
@@ -134,7 +136,7 @@ def run_with_splice(
     base: nn.Module = lm.base_model
     unembed = lm.get_output_embeddings()
     cap = final_logit_softcap(lm)
-    with hooked(lm, callbacks), torch.no_grad():
+    with hooked(lm, callbacks), torch.set_grad_enabled(grad):
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         loss = token_cross_entropy(hidden[:, :-1], input_ids[:, 1:], unembed, softcap=cap,
                                    chunk_size=chunk_size)

@@ -164,3 +164,21 @@ def test_sae_forward_can_be_spliced():
     sae = JumpReLUSAE(32, 64, seed=0)
     out = run_with_splice(model, ids, "resid_post/layer_1", sae.forward)
     assert torch.isfinite(out.loss_per_token).all()
+
+
+def test_grad_mode_gives_the_gradient_at_the_site():
+    """With grad=True the loss is differentiable w.r.t. the spliced activation; check one coordinate by a
+    central finite difference."""
+    model = tiny_model("gemma3", dtype=torch.float64)
+    ids = tiny_ids(batch=1, seq=6)
+    delta = torch.zeros(1, 6, 32, dtype=torch.float64, requires_grad=True)
+    out = run_with_splice(model, ids, "resid_post/layer_1", lambda x: x + delta, grad=True)
+    out.loss_per_token.sum().backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    assert run_with_splice(model, ids, None, None).loss_per_token.requires_grad is False
+    eps = 0.1  # the loss is reduced in float32 and HF norms compute in float32: a coarse step
+    bump = torch.zeros(1, 6, 32, dtype=torch.float64)
+    bump[0, 2, 7] = eps
+    plus = run_with_splice(model, ids, "resid_post/layer_1", lambda x: x + bump).loss_per_token.sum()
+    minus = run_with_splice(model, ids, "resid_post/layer_1", lambda x: x - bump).loss_per_token.sum()
+    assert float(delta.grad[0, 2, 7]) == pytest.approx(float(plus - minus) / (2 * eps), rel=5e-3)
