@@ -163,8 +163,12 @@ class BrowseApp:
         from saescope.dashboards.build import TokenText
 
         text_of = TokenText(tokenizer)
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
         tokens = []
         for t in range(ids.shape[1]):
+            if int(ids[0, t]) in special:  # BOS & co. are never stored or trained on (Gemma Scope §3)
+                tokens.append({"token": text_of(int(ids[0, t])), "latents": [], "special": True})
+                continue
             k = min(top, f.shape[1])
             vals, idx = f[t].topk(k)
             fired = [(int(i), float(v)) for i, v in zip(idx, vals) if v > 0]
@@ -179,6 +183,8 @@ class BrowseApp:
         for t, tok in enumerate(result["tokens"]):
             cells = " ".join(f"<a class='latent' href='{esc(links.latent(i))}'>#{i}</a> {v:.3g}"
                              for i, v in tok["latents"]) or "<span class='muted'>none</span>"
+            if tok.get("special"):
+                cells = "<span class='muted'>special token (not encoded)</span>"
             rows.append(f"<tr><td>{t}</td><td class='l'><code class='token'>{esc(show_token(tok['token']))}</code>"
                         f"</td><td class='l'>{cells}</td></tr>")
         body = (f"<nav><a href='/'>all SAEs</a><a href='{esc(links.index)}'>latents of this SAE</a></nav>"
