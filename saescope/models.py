@@ -157,7 +157,9 @@ def _write_gguf_cache(gguf: Path, model: nn.Module, tokenizer: Any) -> None:
                 model.config.quantization_config = config_q
         tokenizer.save_pretrained(tmp)
         (tmp / _STAMP).write_text(json.dumps(stamp, sort_keys=True))
-        if folder.exists():  # another process finished first, or a stale/partial copy: replace it
+        if _cached_gguf_folder(gguf) is not None:
+            return  # another process finished first: keep its copy (someone may be reading it)
+        if folder.exists():  # a stale copy without a valid stamp
             shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except OSError:
