@@ -136,3 +136,26 @@ def test_cli_sites_prints_each_site_with_width(saved_folders):
     assert ["mlp_in/layer_1", "32", "model.layers.1.pre_feedforward_layernorm:output"] in rows
     bad = CliRunner().invoke(app, ["sites", "./no/such/folder"])
     assert bad.exit_code == 2 and "no such model" in bad.output
+
+
+def test_gguf_cache_is_keyed_by_the_file_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    assert models._cached_gguf_folder(gguf) is None
+    model, tokenizer = tiny_model("gemma3"), _tiny_tokenizer()
+    models._write_gguf_cache(gguf, model, tokenizer)
+    folder = models._cached_gguf_folder(gguf)
+    assert folder is not None and folder.parent == tmp_path / "cache" / "models"
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    state = model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in reloaded.state_dict().items())
+    gguf.write_bytes(b"a different, longer file")  # a changed source is a cache miss
+    assert models._cached_gguf_folder(gguf) is None
+    monkeypatch.setenv("SAESCOPE_MODEL_CACHE", "0")
+    assert not models._cache_enabled(True)
+    monkeypatch.setenv("SAESCOPE_MODEL_CACHE", "1")
+    assert models._cache_enabled(True) and not models._cache_enabled(False)
