@@ -204,3 +204,35 @@ def test_evaluate_saes_matches_an_independent_computation():
         assert dom["python"]["n_tokens"] == int(batches[1].mask.sum())
         assert dom["python"]["delta_loss"] == pytest.approx(spliced[1].mean() - clean[1].mean(), abs=1e-5)
     assert results["res_sparse"]["metrics"]["l0"] < results["res"]["metrics"]["l0"]
+
+
+def test_suite_uniformity_matches_a_full_model_autograd_computation():
+    """App. C.3 through the whole evaluator: y = f ⊙ (W_dec ∇ₓ𝓛) with ∇ₓ𝓛 from autograd on the full model
+    (hooked site, full logits), r_L0 = exp(S(p))/‖y‖₀ per token in numpy, averaged over tokens."""
+    from saescope.sites import hooked
+
+    model = _tiny_gemma3()
+    sae = _sae(32, "mlp_out", 2, 4, 0.05)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 211, (2, 12), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 0] = False
+    result = evaluate_saes(model, {"s": sae}, [EvalBatch("d", ids, mask)], uniformity_tokens=1000,
+                           progress=False)[0]["metrics"]
+    site = "mlp_out/layer_2"
+    x = read_sites(model, ids, [site])[site]
+    leaf = x.clone().requires_grad_(True)
+    with hooked(model, [(site, lambda _a: leaf)]), torch.enable_grad():
+        logits = model(ids, use_cache=False).logits[:, :-1].double()
+        metric = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.mean(-1)
+        (metric * mask[:, :-1]).sum().backward()
+    take = torch.zeros_like(mask)
+    take[:, :-1] = mask[:, :-1]
+    with torch.no_grad():
+        f = sae.encode(x[take]).double().numpy()
+    grad = leaf.grad[take].double().numpy()
+    y = f * (grad @ sae.W_dec.detach().double().numpy().T)
+    rs = [_r_l0_numpy(row) for row in y if np.any(row != 0)]
+    assert len(rs) > 5
+    assert result["uniformity_tokens"] == len(rs)
+    assert result["r_l0"] == pytest.approx(np.mean(rs), rel=1e-4)
