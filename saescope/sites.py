@@ -74,6 +74,12 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             examples="Gemma 3 (text), e.g. the embedded gemma-3-270m",
         ),
         ArchitectureSpec(
+            name="gemma3_multimodal", model_types=("gemma3",), layers="model.language_model.layers",
+            attn_out="self_attn.o_proj", mlp_out="post_feedforward_layernorm",
+            mlp_in="pre_feedforward_layernorm", mlp_in_weights=_GATED_MLP, norm_gain_offset=1.0,
+            examples="Gemma 3 4B/12B/27B (Gemma3ForConditionalGeneration; text sites of its language model)",
+        ),
+        ArchitectureSpec(
             name="gemma2", model_types=("gemma2",), layers="model.layers",
             attn_out="self_attn.o_proj", mlp_out="post_feedforward_layernorm",
             mlp_in="pre_feedforward_layernorm", mlp_in_weights=_GATED_MLP, norm_gain_offset=1.0,

@@ -80,7 +80,9 @@ def token_cross_entropy(
 
 def final_logit_softcap(model: Any) -> float | None:
     """The final-logit soft-cap of a model's config (Gemma 2: 30.0), or None."""
-    return getattr(_unwrap(model).config, "final_logit_softcapping", None)
+    config = _unwrap(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "final_logit_softcapping", None)
 
 
 def run_with_splice(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import ARCHS, D_MODEL, N_LAYERS, tiny_ids, tiny_model
+from tiny_models import ARCHS, D_MODEL, LLAMA_LIKE, N_LAYERS, tiny_ids, tiny_model
 
 from saescope.config import Site
 from saescope.errors import SaescopeError
@@ -43,15 +43,17 @@ def _layer_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 
 def _by_hand(arch: str, block: torch.nn.Module, resid_pre: torch.Tensor, attn_out: torch.Tensor, config):
     """(attention contribution, mlp_in, mlp_out) of one block, written out from its weights (float64)."""
-    if arch in ("gemma2", "gemma3"):
+    if arch.startswith("gemma"):
         attn = _rms_norm(attn_out @ block.self_attn.o_proj.weight.T, block.post_attention_layernorm, 1.0)
         mid = resid_pre + attn
         mlp_in = _rms_norm(mid, block.pre_feedforward_layernorm, 1.0)
         act = F.gelu(mlp_in @ block.mlp.gate_proj.weight.T, approximate="tanh")
         hidden = act * (mlp_in @ block.mlp.up_proj.weight.T)
         mlp_out = _rms_norm(hidden @ block.mlp.down_proj.weight.T, block.post_feedforward_layernorm, 1.0)
-    elif arch == "llama":
+    elif arch in ("llama", *LLAMA_LIKE):
         attn = attn_out @ block.self_attn.o_proj.weight.T
+        if block.self_attn.o_proj.bias is not None:
+            attn = attn + block.self_attn.o_proj.bias
         mid = resid_pre + attn
         mlp_in = _rms_norm(mid, block.post_attention_layernorm, 0.0)
         hidden = F.silu(mlp_in @ block.mlp.gate_proj.weight.T) * (mlp_in @ block.mlp.up_proj.weight.T)
@@ -67,7 +69,7 @@ def _by_hand(arch: str, block: torch.nn.Module, resid_pre: torch.Tensor, attn_ou
     return attn, mlp_in, mlp_out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + LLAMA_LIKE)
 def test_layer_recomputed_by_hand_in_float64(arch):
     model = tiny_model(arch, dtype=torch.float64)
     ids = tiny_ids()
@@ -106,8 +108,9 @@ def test_attn_out_is_o_proj_input_and_maps_to_attention_output(arch):
     with torch.no_grad():
         torch.testing.assert_close(o_proj(got), seen["out"])
     # attn_out is the concatenation of the heads, wider than d_model when n_heads·head_dim > d_model
-    heads = model.config.num_attention_heads
-    head_dim = getattr(model.config, "head_dim", None) or D_MODEL // heads
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or D_MODEL // heads
     assert got.shape == (2, 10, heads * head_dim) == (2, 10, site_width(model, "attn_out/layer_2"))
 
 
@@ -177,6 +180,9 @@ def test_attention_mask_is_passed_through():
 
 def test_architecture_table_and_hook_points():
     assert architecture_of(tiny_model("gemma3")) == "gemma3"
+    assert architecture_of(tiny_model("gemma3_multimodal")) == "gemma3_multimodal"
+    assert hook_point(tiny_model("gemma3_multimodal"), "mlp_out:0") == \
+        "model.language_model.layers.0.post_feedforward_layernorm:output"
     assert architecture_of(tiny_model("mistral")) == "llama"
     assert architecture_of(tiny_model("qwen2")) == "llama"
     assert hook_point(tiny_model("gemma2"), "attn_out/layer_1") == "model.layers.1.self_attn.o_proj:input"

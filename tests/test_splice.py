@@ -84,9 +84,10 @@ def test_mlp_out_splice_in_last_layer_matches_hand_computation(arch):
     out = run_with_splice(model, ids, f"mlp_out/layer_{last}", g, return_logits=True)
     resid = clean[f"resid_post/layer_{last}"] - clean[f"mlp_out/layer_{last}"] + g(clean[f"mlp_out/layer_{last}"])
     with torch.no_grad():
-        final = (model.transformer.ln_f if arch == "gpt2" else model.model.norm)(resid)
-        logits = model.lm_head(final)
-        cap = getattr(model.config, "final_logit_softcapping", None)
+        final_norm = {"gpt2": lambda: model.transformer.ln_f,
+                      "gemma3_multimodal": lambda: model.model.language_model.norm}.get(arch, lambda: model.model.norm)()
+        logits = model.lm_head(final_norm(resid))
+        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
     torch.testing.assert_close(out.logits, logits, rtol=1e-6, atol=1e-6)

@@ -12,7 +12,8 @@ import torch
 VOCAB = 97
 D_MODEL = 32
 N_LAYERS = 3
-ARCHS = ("gemma2", "gemma3", "llama", "gpt2")
+ARCHS = ("gemma2", "gemma3", "llama", "gpt2", "gemma3_multimodal")
+LLAMA_LIKE = ("mistral", "qwen2", "qwen3")  # same site table row as llama
 
 
 def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -34,12 +35,24 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
                               attn_logit_softcapping=20.0, query_pre_attn_scalar=12)
     elif arch == "gemma3":
         config = Gemma3TextConfig(**common, head_dim=12, sliding_window=6, query_pre_attn_scalar=12)
+    elif arch == "gemma3_multimodal":  # Gemma3ForConditionalGeneration with a one-layer vision tower
+        from transformers import Gemma3Config, SiglipVisionConfig
+
+        text = Gemma3TextConfig(**common, head_dim=12, sliding_window=6, query_pre_attn_scalar=12)
+        vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, image_size=28, patch_size=14)
+        config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                              image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
     elif arch == "llama":
         config = LlamaConfig(**common, head_dim=12)
     elif arch == "mistral":
         config = MistralConfig(**common, head_dim=12)
     elif arch == "qwen2":
         config = Qwen2Config(**common)
+    elif arch == "qwen3":
+        from transformers import Qwen3Config
+
+        config = Qwen3Config(**common, head_dim=12)
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=VOCAB, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4, n_positions=128,
                             bos_token_id=1, eos_token_id=2)
@@ -60,6 +73,6 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 def tiny_ids(batch: int = 2, seq: int = 10, *, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    ids = torch.randint(3, VOCAB - 3, (batch, seq), generator=generator)  # no image tokens
     ids[:, 0] = 1
     return ids
