@@ -15,7 +15,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama", "gpt2", "qwen2", "qwen3", "mistral", "gemma3_multimodal"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama", "gpt2", "qwen2", "qwen3", "mistral", "gemma3_multimodal", "gemma"])
 def test_folding_keeps_logits(arch):
     model = tiny_model(arch)
     ids = tiny_ids(batch=3, seq=12)

@@ -43,7 +43,13 @@ def _layer_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 
 def _by_hand(arch: str, block: torch.nn.Module, resid_pre: torch.Tensor, attn_out: torch.Tensor, config):
     """(attention contribution, mlp_in, mlp_out) of one block, written out from its weights (float64)."""
-    if arch.startswith("gemma"):
+    if arch == "gemma":  # Gemma 1: no post-norms
+        attn = attn_out @ block.self_attn.o_proj.weight.T
+        mid = resid_pre + attn
+        mlp_in = _rms_norm(mid, block.post_attention_layernorm, 1.0)
+        act = F.gelu(mlp_in @ block.mlp.gate_proj.weight.T, approximate="tanh")
+        mlp_out = (act * (mlp_in @ block.mlp.up_proj.weight.T)) @ block.mlp.down_proj.weight.T
+    elif arch.startswith("gemma"):
         attn = _rms_norm(attn_out @ block.self_attn.o_proj.weight.T, block.post_attention_layernorm, 1.0)
         mid = resid_pre + attn
         mlp_in = _rms_norm(mid, block.pre_feedforward_layernorm, 1.0)
@@ -69,7 +75,7 @@ def _by_hand(arch: str, block: torch.nn.Module, resid_pre: torch.Tensor, attn_ou
     return attn, mlp_in, mlp_out
 
 
-@pytest.mark.parametrize("arch", ARCHS + LLAMA_LIKE)
+@pytest.mark.parametrize("arch", (*ARCHS, *LLAMA_LIKE, "gemma"))
 def test_layer_recomputed_by_hand_in_float64(arch):
     model = tiny_model(arch, dtype=torch.float64)
     ids = tiny_ids()

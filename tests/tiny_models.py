@@ -47,6 +47,10 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
         config = LlamaConfig(**common, head_dim=12)
     elif arch == "mistral":
         config = MistralConfig(**common, head_dim=12)
+    elif arch == "gemma":  # Gemma 1: pre-norms only, (1 + w) gains
+        from transformers import GemmaConfig
+
+        config = GemmaConfig(**common, head_dim=12, hidden_activation="gelu_pytorch_tanh")
     elif arch == "qwen2":
         config = Qwen2Config(**common)
     elif arch == "qwen3":
