@@ -15,6 +15,15 @@ import sys
 
 
 def peak_mib() -> float:
+    """Peak resident set of this process. ``VmHWM`` belongs to the address space made at exec; ``ru_maxrss``
+    (the fallback) would also count the parent's peak from before the fork/exec."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
