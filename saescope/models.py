@@ -121,7 +121,11 @@ def _cache_enabled(cache: bool) -> bool:
 def gguf_cache_dir(gguf: Path) -> tuple[Path, dict[str, Any]]:
     """The cache folder for the dequantized weights of ``gguf`` and the stamp that identifies its source."""
     stat = gguf.resolve().stat()
-    stamp = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    import transformers
+
+    # the dequantization is transformers' own: a new version may convert differently, so it is in the key
+    stamp = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+             "transformers": transformers.__version__}
 
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     return _cache_root() / f"{gguf.stem}-{key}", stamp
@@ -143,9 +147,12 @@ def _cached_gguf_folder(gguf: Path) -> Path | None:
 def _write_gguf_cache(gguf: Path, model: nn.Module, tokenizer: Any) -> None:
     """Save a GGUF-loaded (already dequantized, float32) model + tokenizer; atomic, best effort."""
     folder, stamp = gguf_cache_dir(gguf)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    tmp.chmod(0o755)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+        tmp.chmod(0o755)
+    except OSError:
+        return  # a read-only or full disk only costs speed next time
     try:
         quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
         config_q = model.config.__dict__.pop("quantization_config", None)

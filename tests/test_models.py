@@ -54,7 +54,7 @@ def test_load_local_save_pretrained_folder(saved_folders, arch):
     state = reference.state_dict()
     assert all(torch.equal(value, state[key]) for key, value in loaded.model.state_dict().items())
     with torch.no_grad():  # the loaded model may pick another attention kernel (sdpa vs eager)
-        torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
     assert loaded.tokenizer("the cat sat")["input_ids"][-3:] == [4, 5, 6]
 
 
