@@ -80,7 +80,7 @@ class StoreIndex(BaseModel):
         return self.rows
 
     def save(self, root: Path) -> None:
-        atomic_write_bytes(Path(root) / INDEX_NAME, (self.model_dump_json(indent=1) + "\n").encode())
+        atomic_write_bytes(Path(root) / INDEX_NAME, (self.model_dump_json() + "\n").encode())  # compact: rewritten per shard
 
     @classmethod
     def load(cls, root: Path | str) -> StoreIndex:
