@@ -64,8 +64,9 @@ def main() -> None:
 
     def make_unit(fast: bool) -> _Unit:
         cfg = TrainConfig(saes=[spec], total_tokens=10 * args.batch, batch_size=args.batch, device=device,
-                          fast_path=fast, sparsity_warmup_steps=0, lr_warmup_steps=0)
+                          fast_path=fast, fast_path_max_density=1.0, sparsity_warmup_steps=0, lr_warmup_steps=0)
         unit = _Unit(spec, cfg, 1.0, args.d_in, args.d_in)
+        unit.density = 0.0      # time the path asked for from the first step
         with torch.no_grad():   # one threshold for all latents at the quantile that gives L0 ≈ target
             z = unit.module.pre_activations(batches[0][:512]).flatten()
             sample = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(2))[:1_000_000]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -31,7 +32,8 @@ def _acts(n=2048, seed=0):
 def _config(tmp_path, specs, total_steps=24, **kw):
     base = {"saes": specs, "total_tokens": total_steps * 128, "batch_size": 128, "lr": 3e-3, "lr_warmup_steps": 4,
             "sparsity_warmup_steps": 6, "log_every": 5, "checkpoint_every": 0, "out_dir": tmp_path,
-            "threshold_parameterization": "log", "initial_threshold": 0.05, "bandwidth": 0.05}
+            "threshold_parameterization": "log", "initial_threshold": 0.05, "bandwidth": 0.05,
+            "fast_path_max_density": 1.0}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -218,3 +220,26 @@ def test_missing_site_or_scale_fails_before_training(tmp_path):
         Trainer(cfg, TensorBatchSource(acts, 128), {SITE: 1.0}, progress=False)
     with pytest.raises(SaescopeError, match="no site resid_post/layer_9"):
         Trainer(cfg, TensorBatchSource(acts, 128), {"resid_post/layer_9": 1.0}, progress=False).run()
+
+
+def test_dense_step_while_many_latents_fire_then_sparse(tmp_path, monkeypatch):
+    import saescope.train.trainer as trainer_module
+
+    calls = []
+    for name in ("sparse_training_step", "dense_training_step"):
+        original = getattr(trainer_module, name)
+
+        def wrapped(*a, _original=original, _name=name, **k):
+            result = _original(*a, **k)
+            calls.append((_name, result.l0))
+            return result
+
+        monkeypatch.setattr(trainer_module, name, wrapped)
+    acts = _acts()
+    spec = SAESpec(site=SITE, width=64, sparsity_coefficient=0.5)
+    _run(_config(tmp_path, [spec], total_steps=40, lr=1e-2, threshold_parameterization="direct",
+                 fast_path_max_density=0.2), acts)
+    assert calls[0][0] == "dense_training_step"              # no L0 known yet: dense first
+    for (_, l0_before), (kind, _) in itertools.pairwise(calls):
+        assert kind == ("sparse_training_step" if l0_before / 64 <= 0.2 else "dense_training_step")
+    assert {kind for kind, _ in calls} == {"sparse_training_step", "dense_training_step"}

@@ -98,6 +98,9 @@ class TrainConfig(BaseModel):
     device: str = "cpu"
     seed: int = 0
     fast_path: bool = Field(True, description="use the sparse step (same gradients as the dense one)")
+    fast_path_max_density: float = Field(
+        0.05, ge=0, le=1, description="use the dense step instead while the previous step's L0 / width is above "
+        "this (early in training, when thousands of latents fire, the sparse step does not pay)")
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: only at the end "
                                   "and on SIGINT/SIGTERM)")
     log_every: int = Field(100, gt=0, description="steps between log lines")
@@ -139,9 +142,7 @@ class TrainConfig(BaseModel):
 
         Length, logging, checkpoint frequency and output options may change between resumes.
         """
-        free = {"total_tokens", "checkpoint_every", "log_every", "tensorboard", "wandb", "out_dir", "store",
-                "device"}
-        payload = self.model_dump(mode="json", exclude=free)
+        payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ construction helpers
@@ -177,6 +178,11 @@ class TrainConfig(BaseModel):
             lines.append("\n[[saes]]")
             lines.extend(f"{k} = {_toml_value(v)}" for k, v in spec.items())
         return "\n".join(lines) + "\n"
+
+
+RESUMABLE_CHANGES = ("total_tokens", "checkpoint_every", "log_every", "tensorboard", "wandb", "out_dir", "store",
+                     "device", "fast_path", "fast_path_max_density")
+"""Settings that may differ between a checkpoint and the run resuming it."""
 
 
 def _toml_value(value: Any) -> str:

@@ -37,7 +37,7 @@ from saescope.errors import SaescopeError
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import checkpoint as ckpt
-from saescope.train.config import SAESpec, TrainConfig, width_label
+from saescope.train.config import RESUMABLE_CHANGES, SAESpec, TrainConfig, width_label
 from saescope.train.decoder_norm import normalize_rows, project_out_parallel_gradient
 from saescope.train.fast_path import dense_training_step, sparse_training_step
 from saescope.train.optim import Adam
@@ -69,7 +69,8 @@ class _Unit:
         with torch.no_grad():
             m.threshold.fill_(config.initial_threshold)
         for p in m.parameters():
-            p.requires_grad_(config.fast_path is False)
+            p.requires_grad_(False)      # the dense step turns autograd on for its own pass
+        self.density = 1.0               # L0 / width of the previous step: picks the sparse or the dense step
         # W_enc is kept as the transpose of a contiguous [d_sae, d_in] buffer: the sparse encoder gradient is
         # produced latent-major, so Adam then runs on contiguous memory.
         self.W_enc_t = m.W_enc.detach().t().contiguous()
@@ -91,14 +92,21 @@ class _Unit:
         lam = sparsity_coefficient(step, spec.sparsity_coefficient, config.sparsity_warmup_steps)
         x_raw = batch[spec.site].to(config.device)
         target_raw = batch[spec.target_site].to(config.device) if spec.target_site else None
-        if config.fast_path:
+        if config.fast_path and self.density <= config.fast_path_max_density:
             x = m.normalize(x_raw)
             target = m.normalize_target(target_raw) if target_raw is not None else None
             result = sparse_training_step(m.W_enc.detach(), m.b_enc.detach(), m.W_dec.detach(),
                                           m.b_dec.detach(), m.threshold.detach(), x, target, lam,
                                           m.config.bandwidth, m.config.apply_b_dec_to_input)
         else:
-            result = dense_training_step(m, x_raw, lam, target_raw)
+            for p in m.parameters():
+                p.requires_grad_(True)
+            try:
+                result = dense_training_step(m, x_raw, lam, target_raw)
+            finally:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+        self.density = result.l0 / spec.width
         grads = dict(result.grads)
         with torch.no_grad():
             project_out_parallel_gradient(m.W_dec, grads["W_dec"])
@@ -237,7 +245,7 @@ class Trainer:
             "config": self.config.model_dump(mode="json"), "tokens_seen": self.tokens_seen,
             "norm_scales": self.norm_scales, "saes": [u.spec.name for u in self.units],
             "windows": [u.window for u in self.units], "last": [u.last for u in self.units],
-            "last_logged": [u.last_logged for u in self.units],
+            "last_logged": [u.last_logged for u in self.units], "density": [u.density for u in self.units],
         }
 
     def save_checkpoint(self) -> Path:
@@ -261,9 +269,7 @@ class Trainer:
             saved = meta.get("config", {})
             current = self.config.model_dump(mode="json")
             diffs = sorted(k for k in set(saved) | set(current)
-                           if saved.get(k) != current.get(k) and k not in ("total_tokens", "checkpoint_every",
-                                                                            "log_every", "tensorboard", "wandb",
-                                                                            "out_dir", "store", "device"))
+                           if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES)
             raise ckpt.CheckpointError(
                 f"the checkpoint in {path} was made with a different config (differs in: {', '.join(diffs)}); "
                 f"use a new out_dir, or delete {self.checkpoint_dir} to start over")
@@ -281,6 +287,7 @@ class Trainer:
             unit.window = dict(meta["windows"][i])
             unit.last = dict(meta["last"][i])
             unit.last_logged = dict(meta["last_logged"][i])
+            unit.density = float(meta["density"][i])
         self.step = int(meta["step"])
         self.tokens_seen = int(meta["tokens_seen"])
         ckpt.restore_rng(meta["rng"], tensors)
