@@ -105,6 +105,7 @@ def cache(
     dtype: str = typer.Option("float32", help="storage dtype: float32 or bfloat16"),
     model_dtype: str = typer.Option("float32", help="dtype to run the model in"),
     device: str = typer.Option("cpu", help="device to run the model on"),
+    held_out_fraction: float = typer.Option(0.1, help="share of documents kept out of the store for evaluation"),
 ) -> None:
     """Run a model over a text once and store the activations of some sites (resumable: re-run to continue)."""
     from saescope.config import Site
@@ -126,7 +127,8 @@ def cache(
         documents = documents_from_spec(text)  # checks the spec before the model loads
         loaded = load_model(model, dtype=model_dtype, device=device)
         index = cache_activations(loaded, documents, parsed, out, context_len=context_len, batch_size=batch_size,
-                                  shard_rows=shard_rows, dtype=dtype, max_tokens=max_tokens, text_name=text)
+                                  shard_rows=shard_rows, dtype=dtype, max_tokens=max_tokens, text_name=text,
+                                  held_out_fraction=held_out_fraction)
     except SaescopeError as exc:
         fail(str(exc))
     for site_id, entry in index.sites.items():

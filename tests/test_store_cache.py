@@ -66,7 +66,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def test_cached_rows_match_a_full_forward_pass_and_trace_back_to_text(tmp_path):
     lm = tiny_loaded()
     index = cache_activations(lm, DOCS, ["resid_post/layer_0", "resid_post/layer_1"], tmp_path / "s",
-                              context_len=16, batch_size=3, shard_rows=40, text_name="to-be", progress=False)
+                              context_len=16, batch_size=3, shard_rows=40, text_name="to-be", progress=False, held_out_fraction=0.0)
     want = reference_rows(lm.model, 16)
     got = read_store_with_safetensors(tmp_path / "s")
     assert index.rows == want["token_ids"].numel() and index.complete
@@ -84,10 +84,25 @@ def test_cached_rows_match_a_full_forward_pass_and_trace_back_to_text(tmp_path):
     verify_store(tmp_path / "s")
 
 
+def test_only_the_training_part_of_the_split_is_stored(tmp_path):
+    from saescope.corpus import held_out_score
+
+    lm = tiny_loaded()
+    cache_activations(lm, DOCS, "resid_post/layer_0", tmp_path / "s", context_len=16, progress=False,
+                      held_out_fraction=0.5)
+    train = [d for d in DOCS if held_out_score(d.id) >= 0.5]
+    assert 0 < len(train) < len(DOCS)      # the split really removes some documents here
+    got = read_store_with_safetensors(tmp_path / "s")
+    assert sorted(set(got["document_ids"].tolist())) == list(range(len(train)))
+    for t, d, p in zip(got["token_ids"].tolist(), got["document_ids"].tolist(), got["positions"].tolist()):
+        assert CharTokenizer().encode(train[d].text[p]) == [t]
+    assert StoreIndex.load(tmp_path / "s").settings["held_out_fraction"] == 0.5
+
+
 def test_crash_mid_run_then_same_call_resumes_to_the_same_store(tmp_path):
     lm = tiny_loaded()
     kwargs = {"context_len": 16, "batch_size": 2, "shard_rows": 25, "dtype": "bfloat16", "text_name": "to-be",
-              "progress": False}
+              "progress": False, "held_out_fraction": 0.0}
     sites = ["resid_post/layer_1", "mlp_out/layer_0"]
     reference = cache_activations(lm, DOCS, sites, tmp_path / "ref", **kwargs)
 
@@ -114,12 +129,12 @@ def test_crash_mid_run_then_same_call_resumes_to_the_same_store(tmp_path):
 def test_max_tokens_and_bad_sites(tmp_path):
     lm = tiny_loaded()
     index = cache_activations(lm, DOCS, "resid_post/layer_1", tmp_path / "s", context_len=16, max_tokens=37,
-                              shard_rows=10, progress=False)
+                              shard_rows=10, progress=False, held_out_fraction=0.0)
     assert index.rows == 37 and [s.rows for s in index.shards] == [10, 10, 10, 7]
     with pytest.raises(SaescopeError, match="cannot read site"):
-        cache_activations(lm, DOCS, "resid_pre/layer_1", tmp_path / "t", progress=False)
+        cache_activations(lm, DOCS, "resid_pre/layer_1", tmp_path / "t", progress=False, held_out_fraction=0.0)
     with pytest.raises(SaescopeError):
-        cache_activations(lm, DOCS, "resid_post/layer_7", tmp_path / "t", progress=False)
+        cache_activations(lm, DOCS, "resid_post/layer_7", tmp_path / "t", progress=False, held_out_fraction=0.0)
     assert not (tmp_path / "t").exists()
 
 
@@ -140,7 +155,7 @@ def test_non_finite_activation_stops_with_site_document_and_position(tmp_path):
     first_doc = next(i for i, d in enumerate(DOCS) if "n" in d.text)
     position = DOCS[first_doc].text.index("n")
     with pytest.raises(SaescopeError) as err:
-        cache_activations(lm, DOCS, "resid_post/layer_0", tmp_path / "s", context_len=16, progress=False)
+        cache_activations(lm, DOCS, "resid_post/layer_0", tmp_path / "s", context_len=16, progress=False, held_out_fraction=0.0)
     message = str(err.value)
     assert "resid_post/layer_0" in message
     assert f"document {first_doc} (doc{first_doc})" in message and f"position {position} " in message
@@ -148,7 +163,7 @@ def test_non_finite_activation_stops_with_site_document_and_position(tmp_path):
 
 @pytest.mark.integration
 def test_embedded_gemma_resid_post_middle_layer_on_shakespeare(tmp_path):
-    from saescope.corpus import shakespeare_documents
+    from saescope.corpus import shakespeare_documents, split_documents
     from saescope.models import load_model
     from saescope.sites import read_sites
 
@@ -171,7 +186,7 @@ def test_embedded_gemma_resid_post_middle_layer_on_shakespeare(tmp_path):
     assert mean_sq == pytest.approx(1.0, rel=1e-6)
     # a row re-derived from its token, document and position: rerun that window and compare
     tokenizer = lm.tokenizer
-    doc_text = next(iter(shakespeare_documents())).text
+    doc_text = next(iter(split_documents(shakespeare_documents(), 0.1, part="train"))).text
     ids = tokenizer.encode(doc_text, add_special_tokens=False)
     row = int(torch.argmax(batch["positions"]))
     pos = int(batch["positions"][row])

@@ -44,6 +44,7 @@ def cache_activations(
     dtype: str = "float32",
     max_tokens: int | None = None,
     text_name: str | None = None,
+    held_out_fraction: float = 0.1,
     progress: bool = True,
 ) -> StoreIndex:
     """Cache the activations of ``sites`` of ``model`` on ``documents`` into a store at ``out``.
@@ -53,8 +54,10 @@ def cache_activations(
     :class:`saescope.corpus.Document` in a fixed order (pass ``text_name`` to record what it was).
     ``batch_size`` is the number of windows per forward pass; ``max_tokens`` caps the stored rows.
     Re-running with the same arguments resumes an unfinished store (or returns a finished one untouched).
+    Only the training part of the by-document split is cached (:func:`saescope.corpus.split_documents`):
+    the documents with ``held_out_score(id) < held_out_fraction`` are kept for evaluation, never stored.
     """
-    from saescope.corpus import documents_from_spec
+    from saescope.corpus import documents_from_spec, split_documents
     from saescope.models import LoadedModel, load_model
     from saescope.sites import read_sites, site_width
 
@@ -67,6 +70,9 @@ def cache_activations(
     if isinstance(documents, str):
         text_name = text_name or documents
         documents = documents_from_spec(documents)
+    if not 0.0 <= held_out_fraction < 1.0:
+        raise SaescopeError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    documents = split_documents(documents, held_out_fraction, part="train")
     if isinstance(sites, (str, Site)):
         sites = [sites]
     try:
@@ -81,7 +87,7 @@ def cache_activations(
 
     writer = StoreWriter(out, widths, dtype=dtype, shard_rows=shard_rows, model=model.name,
                          context_len=context_len, max_rows=max_tokens,
-                         settings={"text": text_name or "custom documents",
+                         settings={"text": text_name or "custom documents", "held_out_fraction": held_out_fraction,
                                    "model_dtype": str(model.dtype).removeprefix("torch.")})
     if writer.complete:
         return writer.index
