@@ -243,3 +243,18 @@ def test_cli_cache_end_to_end_on_a_saved_tiny_model(tmp_path):
     assert again.exit_code == 0 and tree(tmp_path / "s") == before
     batch = next(iter(ActivationLoader(tmp_path / "s", batch_size=16, with_tokens=True)))
     assert batch["resid_post/layer_1"].shape == (16, 32) and batch["mlp_out/layer_2"].shape == (16, 32)
+
+
+def test_caching_mlp_in_folds_the_norm_gain_first(tmp_path):
+    """Transcoder inputs are gain-free (App. B): the cached mlp_in rows have RMS 1 over d (x / rms(x))."""
+    from saescope.folding import mlp_in_is_folded
+
+    lm = tiny_loaded()
+    assert not mlp_in_is_folded(lm.model)
+    index = cache_activations(lm, DOCS, ["mlp_in/layer_1", "mlp_out/layer_1"], tmp_path / "s", context_len=16,
+                              progress=False, held_out_fraction=0.0)
+    assert mlp_in_is_folded(lm.model) and index.settings["mlp_in_folded"]
+    rows = read_store_with_safetensors(tmp_path / "s")["mlp_in/layer_1"].double()
+    rms = rows.square().mean(1).sqrt()
+    # Gemma's RMSNorm: x / sqrt(mean(x²) + eps), so the RMS is just below 1
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=1e-3)

@@ -84,10 +84,18 @@ def cache_activations(
     if len({s.id for s in parsed}) != len(parsed):
         raise SaescopeError(f"a site is listed twice: {', '.join(s.id for s in parsed)}")
     widths = {s.id: site_width(model.model, s) for s in parsed}  # raises on a layer the model lacks
+    if any(s.kind == "mlp_in" for s in parsed):
+        # Transcoders read the gain-free normalized MLP input (Gemma Scope App. B): fold the pre-MLP norm gain
+        # into the MLP input weights first (in place; the model's outputs are unchanged).
+        from saescope.folding import fold_mlp_in_norm, mlp_in_is_folded
+
+        if not mlp_in_is_folded(model.model):
+            fold_mlp_in_norm(model.model)
 
     writer = StoreWriter(out, widths, dtype=dtype, shard_rows=shard_rows, model=model.name,
                          context_len=context_len, max_rows=max_tokens,
                          settings={"text": text_name or "custom documents", "held_out_fraction": held_out_fraction,
+                                   "mlp_in_folded": any(s.kind == "mlp_in" for s in parsed),
                                    "model_dtype": str(model.dtype).removeprefix("torch.")})
     if writer.complete:
         return writer.index
