@@ -337,5 +337,48 @@ def report(run_dir: Path = typer.Argument(..., help="run directory evaluated by 
     typer.echo(f"wrote {page}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="run folder (re-run the command to resume)"),
+    model: str = typer.Option("gemma-3-270m", help="embedded name, folder, .gguf or hub id"),
+    layer: int = typer.Option(6, help="layer whose sites are cached and trained on"),
+    tokens: int = typer.Option(300_000, help="tokens cached and trained on"),
+    width: int = typer.Option(4096, help="latents per SAE"),
+    lambdas: list[float] = typer.Option([], "--lambda", help="λ of the resid_post SAEs (repeat; default 3)"),
+    context_len: int = typer.Option(256, help="tokens per window"),
+    eval_windows: int = typer.Option(4, help="held-out windows per evaluation domain"),
+    transcoder: bool = typer.Option(True, help="also train an mlp_in→mlp_out transcoder"),
+    dashboards: bool = typer.Option(True, help="build latent dashboards for one SAE"),
+) -> None:
+    """The whole flow on the embedded default: cache, train a λ sweep + a transcoder, evaluate, report."""
+    from pydantic import ValidationError
+
+    from saescope.demo import DemoConfig, run_demo
+
+    fields = {"out": out, "model": model, "layer": layer, "tokens": tokens, "width": width,
+              "context_len": context_len, "eval_windows": eval_windows, "dashboards": dashboards}
+    if lambdas:
+        fields["lambdas"] = lambdas
+    if not transcoder:
+        fields["transcoder_lambda"] = None
+    try:
+        cfg = DemoConfig(**fields)
+        summary = run_demo(cfg, echo=typer.echo)
+    except ValidationError as exc:
+        fail(f"invalid demo settings:\n{exc}")
+    except SaescopeError as exc:
+        fail(str(exc))
+    typer.echo("\n{:<52} {:>7} {:>7} {:>9} {:>7}".format("SAE", "L0", "FVU", "Δ loss", "dead"))
+    for row in summary["saes"]:
+        def num(v, spec):
+            return format(v, spec) if isinstance(v, (int, float)) else "-"
+        typer.echo(f"{row['name']:<52} {num(row['l0'], '7.1f')} {num(row['fvu'], '7.3f')} "
+                   f"{num(row['delta_loss'], '9.4f')} {num(row['dead'], '7d')}")
+    typer.echo(f"\nreport: {summary['report']}")
+    if summary["dashboards"]:
+        typer.echo(f"dashboards: {summary['dashboards']}")
+    typer.echo(f"took {summary['seconds']['total'] / 60:.1f} min ({summary['seconds']})")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)
