@@ -163,6 +163,13 @@ class BrowseApp:
         from saescope.dashboards.build import TokenText
 
         text_of = TokenText(tokenizer)
+        # rank by activation relative to the latent's max over the store when dashboards exist, so that
+        # specific latents are not drowned by always-on ones
+        summary = self.summary(entry)
+        score = f
+        if summary is not None and len(summary["latents"]) == f.shape[1]:
+            peak = torch.tensor([row["max"] for row in summary["latents"]], dtype=torch.float32)
+            score = f / torch.where(peak > 0, peak, torch.full_like(peak, float("inf")))
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         tokens = []
         for t in range(ids.shape[1]):
@@ -170,8 +177,8 @@ class BrowseApp:
                 tokens.append({"token": text_of(int(ids[0, t])), "latents": [], "special": True})
                 continue
             k = min(top, f.shape[1])
-            vals, idx = f[t].topk(k)
-            fired = [(int(i), float(v)) for i, v in zip(idx, vals) if v > 0]
+            _, idx = score[t].topk(k)
+            fired = [(int(i), float(f[t, i])) for i in idx if f[t, i] > 0]
             tokens.append({"token": text_of(int(ids[0, t])), "latents": fired})
         return {"tokens": tokens, "site": site}
 
@@ -190,8 +197,9 @@ class BrowseApp:
         body = (f"<nav><a href='/'>all SAEs</a><a href='{esc(links.index)}'>latents of this SAE</a></nav>"
                 f"<h1>{esc(entry.label)} · latents per token</h1>{self.text_form(n, text)}"
                 f"<p>You typed: <span id='typed'>{esc(text)}</span></p>"
-                "<table id='tokens'><tr><th>#</th><th class='l'>token</th><th class='l'>strongest latents "
-                f"at {esc(result['site'])}</th></tr>{''.join(rows)}</table>")
+                "<table id='tokens'><tr><th>#</th><th class='l'>token</th><th class='l'>latents at "
+                f"{esc(result['site'])} (highest activation relative to the latent's max, when its dashboards "
+                f"exist)</th></tr>{''.join(rows)}</table>")
         return page(f"{entry.label} analysis", body)
 
 
