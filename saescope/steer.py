@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from saescope.config import Site
-from saescope.dashboards.compute import sae_site_id
+from saescope.dashboards.compute import decoder_site_id
 from saescope.errors import SaescopeError
 from saescope.sites import _check_site, _unwrap, hooked, site_width
 
@@ -56,14 +56,15 @@ def add_direction(vector: torch.Tensor, coefficient: float):
 
 
 def _site_of(model: Any, sae: Any, site: Site | str | None) -> Site:
-    site = site or sae_site_id(sae)
+    """The site the decoder writes (an SAE's own site; a transcoder's target ``mlp_out``)."""
+    site = site or decoder_site_id(sae)
     if site is None:
         raise SaescopeError("the SAE's config names no site; pass the site to steer at (e.g. 'resid_post/layer_6')")
     parsed = _check_site(_unwrap(model), site)
     width = site_width(model, parsed)
-    if width != sae.d_in:
-        raise SaescopeError(f"site {parsed.id} has width {width} but the SAE reads d_in={sae.d_in}; "
-                            "steer with the model the SAE was trained on")
+    if width != sae.W_dec.shape[1]:
+        raise SaescopeError(f"site {parsed.id} has width {width} but the SAE's decoder writes "
+                            f"{sae.W_dec.shape[1]} (d_in={sae.d_in}); steer with the model the SAE was trained on")
     return parsed
 
 
@@ -119,7 +120,8 @@ def steer(model: Any, tokenizer: Any, sae: Any, latent: int, prompt: str, settin
 def steered_forward(model: Any, sae: Any, latent: int, input_ids: torch.Tensor, coefficient: float,
                     site: Site | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass with the addition: (latent activations ``[seq, d_sae]`` at the site after the
-    addition, logits ``[seq, vocab]``). ``coefficient=0`` is the unsteered pass."""
+    addition, logits ``[seq, vocab]``). ``coefficient=0`` is the unsteered pass. For SAEs (the encoder
+    reads the site the decoder writes), not transcoders."""
     lm = _unwrap(model)
     parsed = _site_of(lm, sae, site)
     vector = steering_vector(sae, latent)

@@ -105,3 +105,27 @@ def test_bad_input(tiny):
         steer(model, tokenizer, wrong, 0, PROMPT, SteerSettings(coefficient=1.0))
     with pytest.raises(SaescopeError, match="does not exist"):
         steer(model, tokenizer, make_sae(32, 4, "resid_post/layer_9"), 0, PROMPT, SteerSettings(coefficient=1.0))
+
+
+def test_transcoder_steers_where_its_decoder_writes(tiny):
+    """A transcoder reads mlp_in but its decoder writes mlp_out: steering adds there (Llama: the MLP output)."""
+    tokenizer, model = tiny
+    sae = make_sae(32, 6, "mlp_in/layer_0", seed=4)
+    sae.config = sae.config.model_copy(update={"training": {"kind": "transcoder", "target_site": "mlp_out/layer_0"}})
+    i, alpha = 2, 30.0
+    got = steer(model, tokenizer, sae, i, PROMPT, SteerSettings(coefficient=alpha, max_new_tokens=4)).steered_ids
+    vec = steering_vector(sae, i)
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out + alpha * vec)
+    try:
+        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+        want = []
+        with torch.no_grad():
+            for _ in range(4):
+                token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+                want.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    finally:
+        handle.remove()
+    assert got.tolist() == want
+    plain = steer(model, tokenizer, sae, i, PROMPT, SteerSettings(coefficient=0.0, max_new_tokens=4)).steered_ids
+    assert got.tolist() != plain.tolist()

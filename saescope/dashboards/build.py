@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saescope.dashboards.compute import DashboardSettings, LatentStats, compute_latent_stats, sae_site_id
+from saescope.dashboards.compute import (
+    DashboardSettings,
+    LatentStats,
+    compute_latent_stats,
+    decoder_site_id,
+    sae_site_id,
+)
 from saescope.dashboards.html import Links, render_index_page, render_latent_page
 from saescope.dashboards.logit_effect import top_logit_tokens
 from saescope.dashboards.store_reader import TokenTable, read_token_table
@@ -129,7 +135,9 @@ def build_dashboards(sae: Any, store: str | Path, tokenizer: Any, model: Any = N
     logits = None
     if model is not None:
         directions = sae.W_dec.detach().float() * sae.norm_scale
-        logits = top_logit_tokens(model, site, directions, k=settings.logit_k)
+        # a transcoder's decoder writes its target site (mlp_out), not the site it reads (mlp_in)
+        write_site = decoder_site_id(sae) if site == sae_site_id(sae) else site
+        logits = top_logit_tokens(model, write_site, directions, k=settings.logit_k)
     out = Path(out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     title = sae_title(sae, site)

@@ -173,6 +173,14 @@ def sae_site_id(sae) -> str | None:
     return Site(kind=site, layer=layer).id
 
 
+def decoder_site_id(sae) -> str | None:
+    """Where the SAE's decoder writes: its own site, or a transcoder's target (``training["target_site"]``)."""
+    from saescope.config import Site
+
+    target = (sae.config.training or {}).get("target_site")
+    return Site.parse(target).id if target else sae_site_id(sae)
+
+
 def _encoded_blocks(sae, blocks: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
     with torch.no_grad():
         for start, x in blocks:
