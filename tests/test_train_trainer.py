@@ -243,3 +243,23 @@ def test_dense_step_while_many_latents_fire_then_sparse(tmp_path, monkeypatch):
     for (_, l0_before), (kind, _) in itertools.pairwise(calls):
         assert kind == ("sparse_training_step" if l0_before / 64 <= 0.2 else "dense_training_step")
     assert {kind for kind, _ in calls} == {"sparse_training_step", "dense_training_step"}
+
+
+def test_threshold_quantile_initialisation(tmp_path):
+    acts = _acts()
+    cfg = _config(tmp_path, [SPEC_A], initial_threshold_quantile=0.9, initial_threshold=1e-4)
+    source = TensorBatchSource(acts, cfg.batch_size, seed=11)
+    first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))[SITE]
+    trainer = Trainer(cfg, source, {SITE: TensorBatchSource(acts, 128).norm_scale(SITE)}, progress=False)
+    trainer.run(max_steps=0)
+    sae = trainer.units[0].module
+    z = sae.pre_activations(first).detach().to(torch.float64)
+    # independent check: per latent, the fraction of the first batch above θ_i is ~10% (or θ_i is the floor)
+    above = (z > sae.threshold.detach().to(torch.float64)).to(torch.float64).mean(dim=0)
+    floor = sae.threshold.detach() <= 1e-4 * (1 + 1e-6)
+    assert floor.sum() < sae.d_sae
+    assert ((above[~floor] - 0.1).abs() <= 1 / 128 + 1e-9).all()
+    # and training from it resumes exactly like a straight run
+    straight = _run(_config(tmp_path / "s", [SPEC_A], initial_threshold_quantile=0.9, initial_threshold=1e-4), acts)
+    resumed = _run(cfg, acts)
+    _assert_bitwise(_weights(straight), _weights(resumed))

@@ -92,6 +92,10 @@ class TrainConfig(BaseModel):
     sparsity_warmup_steps: int = Field(10_000, ge=0, description="λ rises linearly from 0 over these steps")
     bandwidth: float = Field(0.001, gt=0, description="STE kernel bandwidth ε")
     initial_threshold: float = Field(0.001, gt=0, description="θ at initialisation")
+    initial_threshold_quantile: float | None = Field(
+        None, gt=0, lt=1, description="not in the recipe, for short budgets: start each θ_i at this quantile of "
+        "its pre-activations on the first batch (at least initial_threshold), so every latent starts firing on "
+        "a few tokens and L0 starts small; None: θ = initial_threshold (the recipe)")
     threshold_parameterization: Literal["log", "direct"] = Field(
         "log", description="train log θ (JumpReLU paper) or θ directly (clamped > 0)")
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"

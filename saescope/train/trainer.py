@@ -18,6 +18,7 @@ continue bit for bit; running the same command again resumes. At the end each SA
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -213,6 +214,7 @@ class Trainer:
         self._stop_signal: str | None = None
         self._iterator = None
         self._pending_batch: dict[str, torch.Tensor] | None = None
+        self._pending_state: Any = None
         self._loggers: list[Any] = []
 
     # ------------------------------------------------------------------ setup
@@ -220,12 +222,8 @@ class Trainer:
         if self.units:
             return
         if self.dims is None:
-            self._iterator = iter(self.source)
-            try:
-                self._pending_batch = next(self._iterator)
-            except StopIteration as exc:
-                raise SaescopeError("the batch source yielded no batches") from exc
-            self.dims = {k: int(v.shape[-1]) for k, v in self._pending_batch.items()}
+            batch = self._pull_pending()
+            self.dims = {k: int(v.shape[-1]) for k, v in batch.items()}
         for site in self.config.sites:
             if site not in self.dims:
                 raise SaescopeError(f"the activations hold no site {site} (have: {sorted(self.dims)}); "
@@ -255,7 +253,8 @@ class Trainer:
         meta = self._meta()
         meta["rng"] = ckpt.capture_rng(tensors)
         if hasattr(self.source, "state_dict"):
-            meta["loader"] = ckpt.split_state(self.source.state_dict(), "loader", tensors)
+            state = self._pending_state if self._pending_batch is not None else self.source.state_dict()
+            meta["loader"] = ckpt.split_state(state, "loader", tensors)
         else:
             meta["loader"] = None
         return ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, meta)
@@ -377,6 +376,18 @@ class Trainer:
             signal.signal(sig, old)
 
     # ------------------------------------------------------------------ main loop
+    def _pull_pending(self) -> dict[str, torch.Tensor]:
+        """Read one batch ahead (to learn widths or initialise θ) and keep it for the first step; the source's
+        position from before it is what a checkpoint taken before that step records."""
+        self._pending_state = copy.deepcopy(self.source.state_dict()) if hasattr(self.source, "state_dict") else None
+        if self._iterator is None:
+            self._iterator = iter(self.source)
+        try:
+            self._pending_batch = next(self._iterator)
+        except StopIteration as exc:
+            raise SaescopeError("the batch source yielded no batches") from exc
+        return self._pending_batch
+
     def _next_batch(self) -> dict[str, torch.Tensor] | None:
         if self._pending_batch is not None:
             batch, self._pending_batch = self._pending_batch, None
@@ -401,6 +412,8 @@ class Trainer:
         resumed = self._resume()
         if not resumed:
             (self.out_dir / "config.toml").write_text(config.to_toml())
+            if config.initial_threshold_quantile is not None:
+                self._init_thresholds_from_quantile()
         total = config.total_steps
         self._open_loggers()
         previous = self._install_signals()
@@ -444,6 +457,19 @@ class Trainer:
         if not finished:
             return {}
         return self.write_suite()
+
+    @torch.no_grad()
+    def _init_thresholds_from_quantile(self) -> None:
+        """θ_i ← max(initial_threshold, q-quantile of z_i on the first batch) (the batch is then trained on)."""
+        batch = self._pending_batch if self._pending_batch is not None else self._pull_pending()
+        q = self.config.initial_threshold_quantile
+        for unit in self.units:
+            m = unit.module
+            z = m.pre_activations(batch[unit.spec.site].to(self.config.device))
+            theta = torch.quantile(z.to(torch.float64), q, dim=0).clamp_min(self.config.initial_threshold)
+            m.threshold.copy_(theta.to(m.threshold.dtype))
+            if unit.log_threshold is not None:
+                unit.log_threshold.copy_(torch.log(m.threshold))
 
     # ------------------------------------------------------------------ output
     def write_suite(self) -> dict[str, Path]:
