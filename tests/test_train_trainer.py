@@ -263,3 +263,18 @@ def test_threshold_quantile_initialisation(tmp_path):
     straight = _run(_config(tmp_path / "s", [SPEC_A], initial_threshold_quantile=0.9, initial_threshold=1e-4), acts)
     resumed = _run(cfg, acts)
     _assert_bitwise(_weights(straight), _weights(resumed))
+
+
+def test_b_dec_mean_initialisation(tmp_path):
+    acts = _acts()
+    cfg = _config(tmp_path, [SPEC_A, SPEC_T], initial_b_dec="mean")
+    scales = {k: TensorBatchSource(acts, 128).norm_scale(k) for k in acts}
+    first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))
+    trainer = Trainer(cfg, TensorBatchSource(acts, cfg.batch_size, seed=11), scales, progress=False)
+    trainer.run(max_steps=0)
+    sae, tc = (u.module for u in trainer.units)
+    expected_sae = (first[SITE].to(torch.float64) / scales[SITE]).mean(dim=0)
+    # a transcoder's b_dec is its output bias: the mean of the target, divided by the INPUT's scale
+    expected_tc = (first["mlp_out/layer_1"].to(torch.float64) / scales["mlp_in/layer_1"]).mean(dim=0)
+    torch.testing.assert_close(sae.b_dec.detach().to(torch.float64), expected_sae, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(tc.b_dec.detach().to(torch.float64), expected_tc, rtol=1e-6, atol=1e-7)

@@ -92,6 +92,9 @@ class TrainConfig(BaseModel):
     sparsity_warmup_steps: int = Field(10_000, ge=0, description="λ rises linearly from 0 over these steps")
     bandwidth: float = Field(0.001, gt=0, description="STE kernel bandwidth ε")
     initial_threshold: float = Field(0.001, gt=0, description="θ at initialisation")
+    initial_b_dec: Literal["zeros", "mean"] = Field(
+        "zeros", description="b_dec at initialisation: zeros (the recipe) or, for short budgets (not in the "
+        "recipe), the mean of the first batch's normalized target (the input for an SAE)")
     initial_threshold_quantile: float | None = Field(
         None, gt=0, lt=1, description="not in the recipe, for short budgets: start each θ_i at this quantile of "
         "its pre-activations on the first batch (at least initial_threshold), so every latent starts firing on "

@@ -412,8 +412,8 @@ class Trainer:
         resumed = self._resume()
         if not resumed:
             (self.out_dir / "config.toml").write_text(config.to_toml())
-            if config.initial_threshold_quantile is not None:
-                self._init_thresholds_from_quantile()
+            if config.initial_threshold_quantile is not None or config.initial_b_dec != "zeros":
+                self._init_from_first_batch()
         total = config.total_steps
         self._open_loggers()
         previous = self._install_signals()
@@ -459,13 +459,22 @@ class Trainer:
         return self.write_suite()
 
     @torch.no_grad()
-    def _init_thresholds_from_quantile(self) -> None:
-        """θ_i ← max(initial_threshold, q-quantile of z_i on the first batch) (the batch is then trained on)."""
+    def _init_from_first_batch(self) -> None:
+        """Short-budget initialisation from the first batch (which is then trained on): ``b_dec`` ← mean of the
+        normalized target (``initial_b_dec="mean"``), then θ_i ← max(initial_threshold, q-quantile of z_i)
+        (``initial_threshold_quantile=q``)."""
         batch = self._pending_batch if self._pending_batch is not None else self._pull_pending()
         q = self.config.initial_threshold_quantile
         for unit in self.units:
             m = unit.module
-            z = m.pre_activations(batch[unit.spec.site].to(self.config.device))
+            x_raw = batch[unit.spec.site].to(self.config.device)
+            if self.config.initial_b_dec == "mean":
+                target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
+                          if unit.spec.target_site else m.normalize(x_raw))
+                m.b_dec.copy_(target.to(torch.float64).mean(dim=0).to(m.b_dec.dtype))
+            if q is None:
+                continue
+            z = m.pre_activations(x_raw)
             theta = torch.quantile(z.to(torch.float64), q, dim=0).clamp_min(self.config.initial_threshold)
             m.threshold.copy_(theta.to(m.threshold.dtype))
             if unit.log_threshold is not None:
