@@ -44,6 +44,17 @@ def clear_workspace() -> None:
     _WORKSPACE.clear()
 
 
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the true entries of a flat bool tensor, ascending. Sparse masks are scanned 8 bytes at a time
+    (as int64 words), then only the words holding a true entry are expanded: about half the time of a plain
+    ``nonzero`` over 67M entries."""
+    if mask.numel() % 8 or mask.storage_offset() % 8:
+        return torch.nonzero(mask).squeeze(1)
+    words = torch.nonzero(mask.view(torch.int64)).squeeze(1)
+    index = (words.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).view(-1)
+    return index[mask[index]]
+
+
 @dataclass
 class StepResult:
     """Loss, gradients and batch statistics of one training step (normalized scale)."""
@@ -89,7 +100,7 @@ def sparse_training_step(
     # through that are neither active nor in the window get weight 0 below
     lower = (threshold.to(wide) - eps - b_enc.to(wide)).to(xw.dtype)
     mask = torch.gt(xw, lower, out=_workspace((B, d_sae), torch.bool, W_enc.device))
-    flat = torch.nonzero(mask.view(-1)).squeeze(1)          # row-major: sorted by token
+    flat = _flat_nonzero(mask.view(-1))                     # row-major: sorted by token
     rows = torch.div(flat, d_sae, rounding_mode="floor")
     cols = flat - rows * d_sae
     zv = xw.view(-1)[flat] + b_enc[cols]
