@@ -22,11 +22,11 @@ PARAMS_FILE = "params.npz"
 
 
 def width_name(d_sae: int) -> str:
-    """The release's width folder name: 16384 → ``16k``, 131072 → ``131k``, 1048576 → ``1m``."""
-    if d_sae >= 2**20 and d_sae % 2**20 == 0:
-        return f"{d_sae // 2**20}m"
-    if d_sae >= 1000:
-        return f"{d_sae // 1000}k"
+    """The release's width folder label: powers of two ≥ 1024 in (truncated) thousands or millions
+    (16384 → ``16k``, 131072 → ``131k``, 1048576 → ``1m``); any other width as is (1500 → ``1500``), so two
+    different widths never share a label."""
+    if d_sae >= 1024 and d_sae & (d_sae - 1) == 0:
+        return f"{d_sae // 10**6}m" if d_sae >= 10**6 else f"{d_sae // 1000}k"
     return str(d_sae)
 
 

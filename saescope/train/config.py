@@ -18,14 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from saescope.config import Site
 from saescope.errors import SaescopeError
-
-
-def width_label(width: int) -> str:
-    """Gemma Scope's folder label for a width: powers of two ≥ 1024 in (truncated) thousands or millions,
-    as in the release (16384 → ``16k``, 131072 → ``131k``, 1048576 → ``1m``); any other width as is."""
-    if width >= 1024 and width & (width - 1) == 0:
-        return f"{width // 10**6}m" if width >= 10**6 else f"{width // 1000}k"
-    return str(width)
+from saescope.formats.gemma_scope import width_name as width_label  # one labelling rule for every layout
 
 
 class SAESpec(BaseModel):
