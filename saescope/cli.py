@@ -342,7 +342,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run folder (re-run the command to resume)"),
     model: str = typer.Option("gemma-3-270m", help="embedded name, folder, .gguf or hub id"),
     layer: int = typer.Option(6, help="layer whose sites are cached and trained on"),
-    tokens: int = typer.Option(300_000, help="tokens cached and trained on"),
+    tokens: int = typer.Option(800_000, help="tokens cached and trained on"),
     width: int = typer.Option(4096, help="latents per SAE"),
     lambdas: list[float] = typer.Option([], "--lambda", help="λ of the resid_post SAEs (repeat; default 3)"),
     context_len: int = typer.Option(256, help="tokens per window"),

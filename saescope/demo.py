@@ -34,7 +34,7 @@ class DemoConfig(BaseModel):
     layer: int = Field(6, ge=0, description="the layer whose sites are cached and trained on")
     text: str = Field("shakespeare", description="training text (saescope.corpus spec)")
     eval_domains: list[str] = Field(default_factory=lambda: ["shakespeare", "python"])
-    tokens: int = Field(300_000, gt=0, description="tokens cached and trained on")
+    tokens: int = Field(800_000, gt=0, description="tokens cached and trained on")
     context_len: int = Field(256, ge=16, description="tokens per window (Gemma Scope: 1024)")
     width: int = Field(4096, gt=0, description="latents per SAE")
     lambdas: list[float] = Field(default_factory=lambda: [1e-4, 3e-4, 1e-3], min_length=1)
