@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saescope.config import Site
-from saescope.errors import SaescopeError
+from saescope.errors import SAEFileError, SaescopeError
 from saescope.formats import detect_format, load_sae
 from saescope.formats.gemma_scope import width_name
 from saescope.formats.gemma_scope_2 import release_folder as gemma_scope_2_folder
@@ -42,30 +42,37 @@ class SuiteEntry:
         return self.site, self.layer, self.d_sae
 
 
+def sae_folders(run_dir: str | Path) -> list[Path]:
+    """Every folder holding an SAE (any format) under ``RUN_DIR/suite``, or under ``run_dir`` itself when it
+    has no ``suite/``; sorted. The one place that decides what counts as a suite member (the evaluator, the
+    browser and the exporter all use it)."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise SaescopeError(f"{root} is not a folder; pass a run directory (runs/<name>) or a folder of SAEs")
+    base = root / "suite" if (root / "suite").is_dir() else root
+    found = []
+    for folder in sorted({p.parent for p in base.rglob("*") if p.is_file()}):
+        try:
+            detect_format(folder)
+        except SAEFileError:  # not an SAE folder (suite/ itself, dashboards/, ...)
+            continue
+        found.append(folder)
+    if not found:
+        raise SaescopeError(f"no SAEs found under {base}: expected folders like "
+                            "suite/resid_post/layer_6/width_16k/average_l0_50/ (written by saescope train)")
+    return found
+
+
 def find_suite(root: str | Path) -> list[SuiteEntry]:
     """Every SAE under ``root`` (any format), with its site, layer, width and measured L0."""
-    root = Path(root)
-    if not root.is_dir():
-        raise SaescopeError(f"{root} is not a folder; pass a suite folder (e.g. runs/demo/suite)")
     entries = []
-    seen = set()
-    for marker in sorted(root.rglob("*")):
-        if marker.name not in ("saescope.json", "params.npz", "params.safetensors", "cfg.json"):
-            continue
-        folder = marker.parent
-        if folder in seen:
-            continue
-        seen.add(folder)
-        detect_format(folder)
-        sae = load_sae(folder)
-        c = sae.config
+    for folder in sae_folders(root):
+        c = load_sae(folder).config
         if c.site is None or c.layer is None:
             raise SaescopeError(f"the SAE in {folder} does not say which site and layer it reads; "
                                 "re-save it with site and layer in its config")
         kind = Site.parse(c.site).kind if "/layer_" in c.site else c.site
         entries.append(SuiteEntry(folder, kind, c.layer, c.d_sae, _average_l0(folder, c.training)))
-    if not entries:
-        raise SaescopeError(f"no SAEs found under {root}")
     return sorted(entries, key=lambda e: (e.site, e.layer, e.d_sae, e.average_l0))
 
 

@@ -46,15 +46,12 @@ class SAEEntry:
 
 
 def find_saes(run_dir: str | Path) -> list[SAEEntry]:
-    """Every native SAE (``saescope.json`` + ``sae.safetensors``) below ``run_dir`` (its ``suite/`` first)."""
+    """Every SAE below ``run_dir`` (its ``suite/`` first), numbered in order (:func:`saescope.suite.sae_folders`)."""
+    from saescope.suite import sae_folders
+
     root = Path(run_dir)
-    if not root.is_dir():
-        raise SaescopeError(f"{root} is not a folder; pass a run directory (runs/<name>) or a folder of SAEs")
     base = root / "suite" if (root / "suite").is_dir() else root
-    folders = sorted({p.parent for p in base.rglob("saescope.json") if (p.parent / "sae.safetensors").is_file()})
-    if not folders:
-        raise SaescopeError(f"no SAEs under {base}: expected suite/<site>/width_<W>/average_l0_<k>/ folders "
-                            "holding saescope.json + sae.safetensors (train some with `saescope train`)")
+    folders = sae_folders(root)
     return [SAEEntry(n, f, f.relative_to(base).as_posix() if f != base else f.name) for n, f in enumerate(folders)]
 
 

@@ -55,24 +55,9 @@ class EvalConfig(BaseModel):
 
 def find_suite(run_dir: str | Path) -> list[Path]:
     """Every SAE folder under ``RUN_DIR/suite`` (or under RUN_DIR itself if it has no suite/), sorted."""
-    from saescope.errors import SAEFileError
-    from saescope.formats import detect_format
+    from saescope.suite import sae_folders
 
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise SaescopeError(f"run directory {root} does not exist")
-    base = root / "suite" if (root / "suite").is_dir() else root
-    found = []
-    for folder in sorted({p.parent for p in base.rglob("*") if p.is_file()}):
-        try:
-            detect_format(folder)
-        except SAEFileError:  # not an SAE folder (e.g. suite/ itself, with training_summary.json)
-            continue
-        found.append(folder)
-    if not found:
-        raise SaescopeError(f"no SAEs found under {base}: expected folders like "
-                            "suite/resid_post/layer_6/width_16k/average_l0_50/ written by saescope train")
-    return found
+    return sae_folders(run_dir)
 
 
 def load_targets(run_dir: str | Path, folders: Sequence[Path] | None = None, *, device: str = "cpu"
