@@ -98,6 +98,11 @@ class TrainConfig(BaseModel):
     device: str = "cpu"
     seed: int = 0
     fast_path: bool = Field(True, description="use the sparse step (same gradients as the dense one)")
+    latent_shards: int = Field(
+        1, ge=1, description="under torch.distributed (torchrun): ranks that split each SAE's latents (W_enc "
+        "columns, W_dec rows, b_enc/θ entries); the world is a grid data_shards × latent_shards, data_shards ranks "
+        "read disjoint batch_size/data_shards slices of each global batch. 1: data parallel only; = world size: "
+        "latent sharding only. No effect in one process (saescope.distributed)")
     fast_path_max_density: float = Field(
         0.05, ge=0, le=1, description="use the dense step instead while the previous step's L0 / width is above "
         "this (early in training, when thousands of latents fire, the sparse step does not pay)")
@@ -181,7 +186,7 @@ class TrainConfig(BaseModel):
 
 
 RESUMABLE_CHANGES = ("total_tokens", "checkpoint_every", "log_every", "tensorboard", "wandb", "out_dir", "store",
-                     "device", "fast_path", "fast_path_max_density")
+                     "device", "fast_path", "fast_path_max_density", "latent_shards")
 """Settings that may differ between a checkpoint and the run resuming it."""
 
 

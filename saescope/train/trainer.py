@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saescope import __version__
+from saescope import __version__, distributed
 from saescope.config import Site
 from saescope.errors import SaescopeError
 from saescope.sae.jumprelu import JumpReLUSAE
@@ -57,8 +57,10 @@ def spec_seed(seed: int, spec: SAESpec) -> int:
 class _Unit:
     """One SAE being trained: its module, optimizer and running statistics."""
 
-    def __init__(self, spec: SAESpec, config: TrainConfig, norm_scale: float, d_in: int, d_out: int):
+    def __init__(self, spec: SAESpec, config: TrainConfig, norm_scale: float, d_in: int, d_out: int,
+                 parallel: distributed.Parallel | None = None):
         self.spec = spec
+        self.parallel = parallel
         site = Site.parse(spec.site)
         common = {"dtype": config.dtype, "device": config.device, "bandwidth": config.bandwidth,
                       "seed": spec_seed(config.seed, spec), "model": config.model, "site": site.kind, "layer": site.layer}
@@ -69,6 +71,13 @@ class _Unit:
         m = self.module
         with torch.no_grad():
             m.threshold.fill_(config.initial_threshold)
+        # latent sharding: keep only this rank's latents (every rank drew the same full initialisation)
+        self.latents = (parallel.latent_slice(spec.width) if parallel is not None and parallel.latent_shards > 1
+                        else None)
+        if self.latents is not None:
+            self._set_latent_parameters({name: t[:, self.latents] if name == "W_enc" else
+                                         t if name == "b_dec" else t[self.latents]
+                                         for name, t in m.state_tensors().items()})
         for p in m.parameters():
             p.requires_grad_(False)      # the dense step turns autograd on for its own pass
         self.density = 1.0               # L0 / width of the previous step: picks the sparse or the dense step
@@ -81,7 +90,7 @@ class _Unit:
         params = {"W_enc": self.W_enc_t, "b_enc": m.b_enc.data, "W_dec": m.W_dec.data, "b_dec": m.b_dec.data,
                   "threshold": self.log_threshold if self.log_threshold is not None else m.threshold.data}
         self.adam = Adam(params, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps)
-        self.tokens_since_fired = torch.zeros(spec.width, dtype=torch.int64)
+        self.tokens_since_fired = torch.zeros(m.W_dec.shape[0], dtype=torch.int64)
         self.window: dict[str, float] = {"steps": 0, "loss": 0.0, "reconstruction": 0.0, "l0": 0.0,
                                          "variance": 0.0, "tokens": 0}
         self.last: dict[str, float] = {}
@@ -93,7 +102,10 @@ class _Unit:
         lam = sparsity_coefficient(step, spec.sparsity_coefficient, config.sparsity_warmup_steps)
         x_raw = batch[spec.site].to(config.device)
         target_raw = batch[spec.target_site].to(config.device) if spec.target_site else None
-        if config.fast_path and self.density <= config.fast_path_max_density:
+        par = self.parallel
+        if self.latents is not None:      # latent sharding: the dense step with summed partial reconstructions
+            result = distributed.sharded_training_step(m, x_raw, lam, target_raw, par.latent_group)
+        elif config.fast_path and self.density <= config.fast_path_max_density:
             x = m.normalize(x_raw)
             target = m.normalize_target(target_raw) if target_raw is not None else None
             result = sparse_training_step(m.W_enc.detach(), m.b_enc.detach(), m.W_dec.detach(),
@@ -107,6 +119,9 @@ class _Unit:
             finally:
                 for p in m.parameters():
                     p.requires_grad_(False)
+        if par is not None and par.data_shards > 1:   # data parallel: the global batch's mean gradient
+            result.grads = distributed.average_gradients(result.grads, par.data_group, par.data_shards)
+            distributed.reduce_step_statistics(result, par.data_group, par.data_shards)
         self.density = result.l0 / spec.width
         grads = dict(result.grads)
         with torch.no_grad():
@@ -120,7 +135,7 @@ class _Unit:
             else:
                 m.threshold.clamp_(min=0.0)
             normalize_rows(m.W_dec)
-        batch_tokens = x_raw.shape[0]
+        batch_tokens = x_raw.shape[0] * (par.data_shards if par is not None else 1)
         self.tokens_since_fired += batch_tokens
         self.tokens_since_fired[result.fired.cpu()] = 0
         w = self.window
@@ -139,6 +154,10 @@ class _Unit:
         limit = min(window_tokens, tokens_seen)
         if limit <= 0:
             return 0.0
+        if self.latents is not None:      # count over every shard's latents
+            dead = torch.tensor([float((self.tokens_since_fired >= limit).sum())], dtype=torch.float64)
+            torch.distributed.all_reduce(dead, group=self.parallel.latent_group)
+            return float(dead[0]) / self.spec.width
         return float((self.tokens_since_fired >= limit).float().mean())
 
     def summary(self, tokens_seen: int, window_tokens: int) -> dict[str, float]:
@@ -156,6 +175,28 @@ class _Unit:
     def reset_window(self, logged: dict[str, float]) -> None:
         self.last_logged = dict(logged)
         self.window = {k: 0 if k in ("steps", "tokens") else 0.0 for k in self.window}
+
+    # ------------------------------------------------------------------ latent shards
+    @torch.no_grad()
+    def _set_latent_parameters(self, params: dict[str, torch.Tensor]) -> None:
+        """Replace the module's parameters by ``params`` (a slice of the latents, or all of them)."""
+        m = self.module
+        for name, t in params.items():
+            getattr(m, name).data = t.clone()
+        m.config = m.config.model_copy(update={"d_sae": int(params["W_dec"].shape[0])})
+
+    @torch.no_grad()
+    def unshard(self, prefix: str) -> None:
+        """Gather the full SAE from every latent rank (all must call) into this unit; training is over."""
+        if self.latents is None:
+            return
+        par = self.parallel
+        local = {f"{prefix}/param/{k}": v for k, v in self.module.state_tensors().items()}
+        local[f"{prefix}/tokens_since_fired"] = self.tokens_since_fired
+        full = distributed.gather_latents(local, prefix, par.latent_group, par.latent_shards)
+        self._set_latent_parameters({k[len(prefix) + 7:]: v for k, v in full.items() if "/param/" in k})
+        self.tokens_since_fired = full[f"{prefix}/tokens_since_fired"].clone()
+        self.latents = None
 
     # ------------------------------------------------------------------ checkpoint state
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -205,7 +246,8 @@ class Trainer:
             if not (math.isfinite(c) and c > 0):
                 raise SaescopeError(f"norm scale for {site} is {c}; it must be a positive number")
         self.dims = dict(dims) if dims else None
-        self.progress = progress
+        self.parallel = distributed.current(config.latent_shards)
+        self.progress = progress and (self.parallel is None or self.parallel.is_main)
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.units: list[_Unit] = []
@@ -230,7 +272,7 @@ class Trainer:
                                     "cache it first or remove the SAE that reads it")
         self.units = [
             _Unit(spec, self.config, self.norm_scales[spec.site], self.dims[spec.site],
-                  self.dims[spec.target_site] if spec.target_site else self.dims[spec.site])
+                  self.dims[spec.target_site] if spec.target_site else self.dims[spec.site], self.parallel)
             for spec in self.config.saes
         ]
 
@@ -247,17 +289,33 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the full SAEs. Under torch.distributed every rank must call: latent slices are
+        gathered, every data rank's loader position is recorded, and rank 0 alone writes."""
+        par = self.parallel
         tensors: dict[str, torch.Tensor] = {}
         for i, unit in enumerate(self.units):
-            tensors.update(unit.state_tensors(self._unit_prefix(i)))
+            prefix = self._unit_prefix(i)
+            state = unit.state_tensors(prefix)
+            if unit.latents is not None:
+                state = distributed.gather_latents(state, prefix, par.latent_group, par.latent_shards)
+            tensors.update(state)
         meta = self._meta()
         meta["rng"] = ckpt.capture_rng(tensors)
         if hasattr(self.source, "state_dict"):
             state = self._pending_state if self._pending_batch is not None else self.source.state_dict()
+            if par is not None:
+                states = distributed.all_gather_object(state)
+                meta["loader_ranks"] = [ckpt.split_state(states[d * par.latent_shards], f"loader_ranks/{d}", tensors)
+                                        for d in range(par.data_shards)]
             meta["loader"] = ckpt.split_state(state, "loader", tensors)
         else:
             meta["loader"] = None
-        return ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, meta)
+        if par is None:
+            return ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, meta)
+        meta["world_size"], meta["latent_shards"] = par.world_size, par.latent_shards
+        path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, meta) if par.is_main else None
+        distributed.barrier()
+        return path if path is not None else self.checkpoint_dir / f"step_{self.step:08d}"
 
     def _resume(self) -> bool:
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
@@ -282,7 +340,9 @@ class Trainer:
                     f"the checkpoint in {path} used norm scale {saved_scales.get(site)} for {site} but this run "
                     f"has {self.norm_scales[site]}: the activations changed; use a new out_dir")
         for i, unit in enumerate(self.units):
-            unit.load_state_tensors(self._unit_prefix(i), tensors)
+            prefix = self._unit_prefix(i)
+            unit.load_state_tensors(prefix, tensors if unit.latents is None else
+                                    distributed.slice_latents(tensors, prefix, unit.latents))
             unit.window = dict(meta["windows"][i])
             unit.last = dict(meta["last"][i])
             unit.last_logged = dict(meta["last_logged"][i])
@@ -291,6 +351,13 @@ class Trainer:
         self.tokens_seen = int(meta["tokens_seen"])
         ckpt.restore_rng(meta["rng"], tensors)
         loader_state = meta.get("loader")
+        saved_ranks = meta.get("loader_ranks") or [loader_state]
+        shards = self.parallel.data_shards if self.parallel is not None else 1
+        if len(saved_ranks) == shards:
+            loader_state = saved_ranks[self.parallel.data_rank if self.parallel is not None else 0]
+        elif loader_state is not None:      # another number of data ranks: see distributed.adapt_loader_state
+            loader_state = distributed.adapt_loader_state(ckpt.join_state(loader_state, tensors), self.source)
+            self._log_line(f"resuming on {shards} data rank(s) from a checkpoint of {len(saved_ranks)}")
         self._iterator = None
         self._pending_batch = None
         if loader_state is not None and hasattr(self.source, "load_state_dict"):
@@ -310,6 +377,8 @@ class Trainer:
             tqdm.write(text)
 
     def _open_loggers(self) -> None:
+        if self.parallel is not None and not self.parallel.is_main:
+            return
         if self.config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -338,6 +407,10 @@ class Trainer:
     def _log_metrics(self, elapsed: float, tokens_this_session: int) -> list[dict[str, Any]]:
         rows = []
         rate = tokens_this_session / elapsed if elapsed > 0 else float("nan")
+        if self.parallel is not None and not self.parallel.is_main:
+            # the other ranks only take part in the reductions the summaries need
+            return [{"step": self.step, "sae": unit.spec.name,
+                     **unit.summary(self.tokens_seen, self.config.dead_window_tokens)} for unit in self.units]
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             for unit in self.units:
                 row = {"step": self.step, "tokens": self.tokens_seen, "sae": unit.spec.name,
@@ -411,7 +484,8 @@ class Trainer:
         self._build()
         resumed = self._resume()
         if not resumed:
-            (self.out_dir / "config.toml").write_text(config.to_toml())
+            if self.parallel is None or self.parallel.is_main:
+                (self.out_dir / "config.toml").write_text(config.to_toml())
             if config.initial_threshold_quantile is not None or config.initial_b_dec != "zeros":
                 self._init_from_first_batch()
         total = config.total_steps
@@ -434,6 +508,8 @@ class Trainer:
                 for unit in self.units:
                     unit.step(batch, self.step, config, lr)
                 batch_tokens = next(iter(batch.values())).shape[0]
+                if self.parallel is not None:
+                    batch_tokens *= self.parallel.data_shards
                 self.step += 1
                 self.tokens_seen += batch_tokens
                 bar.update(batch_tokens)
@@ -445,7 +521,11 @@ class Trainer:
                                            ("loss", "mse", "l0", "fvu", "lambda", "lr")})
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                stop = self._stop_signal is not None
+                if self.parallel is not None:     # a signal may reach the ranks at different steps
+                    stop = distributed.any_rank(stop, config.device)
+                    self._stop_signal = self._stop_signal or ("SIGTERM" if stop else None)
+                if stop:
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(f"stopped by {self._stop_signal} at step {self.step}; checkpoint "
                                               f"written to {path}; run the same command again to resume")
@@ -464,6 +544,9 @@ class Trainer:
         normalized target (``initial_b_dec="mean"``), then θ_i ← max(initial_threshold, q-quantile of z_i)
         (``initial_threshold_quantile=q``)."""
         batch = self._pending_batch if self._pending_batch is not None else self._pull_pending()
+        par = self.parallel
+        if par is not None and par.data_shards > 1:   # the global first batch, as one process would see it
+            batch = distributed.gather_batch(batch, par.data_group, par.data_shards)
         q = self.config.initial_threshold_quantile
         for unit in self.units:
             m = unit.module
@@ -482,7 +565,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ output
     def write_suite(self) -> dict[str, Path]:
-        """Standardize each SAE (App. A) and write it to ``suite/<site>/width_<W>/average_l0_<k>/``."""
+        """Standardize each SAE (App. A) and write it to ``suite/<site>/width_<W>/average_l0_<k>/``.
+
+        Under torch.distributed every rank must call: latent slices are gathered, rank 0 writes, every rank
+        returns the folders."""
+        if self.parallel is not None:
+            for i, unit in enumerate(self.units):
+                unit.unshard(self._unit_prefix(i))
+            par, self.parallel = self.parallel, None
+            try:
+                out = self.write_suite() if par.is_main else None
+            finally:
+                self.parallel = par
+            return distributed.broadcast_object(out)
         out: dict[str, Path] = {}
         used: set[Path] = set()
         summary_rows = []
@@ -542,7 +637,19 @@ def train_from_store(config: TrainConfig, *, progress: bool = True) -> dict[str,
     kwargs: dict[str, Any] = {"seed": config.seed, "epochs": None}
     if config.shuffle_buffer:
         kwargs["shuffle_buffer"] = config.shuffle_buffer
-    loader = ActivationLoader(config.store, config.sites, config.batch_size, **kwargs)
+    # under torchrun: join the process group; each data rank reads its own disjoint stream (saescope.distributed)
+    device = distributed.init_from_env(config.device)
+    if device != config.device:
+        config = config.model_copy(update={"device": device})
+    parallel = distributed.current(config.latent_shards)
+    batch_size = config.batch_size
+    if parallel is not None:
+        if batch_size % parallel.data_shards:
+            raise SaescopeError(f"batch_size {batch_size} (global tokens per step) does not split into "
+                                f"{parallel.data_shards} data ranks; make it a multiple of {parallel.data_shards}")
+        batch_size //= parallel.data_shards
+        kwargs.update(rank=parallel.data_rank, world_size=parallel.data_shards)
+    loader = ActivationLoader(config.store, config.sites, batch_size, **kwargs)
     norm_scales = {site: loader.norm_scale(site) for site in config.sites}
     dims = {site: loader.d(site) for site in config.sites}
     return Trainer(config, loader, norm_scales, dims, progress=progress).run()

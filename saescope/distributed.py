@@ -1,0 +1,343 @@
+"""Training across processes with ``torch.distributed``: data parallelism and latent sharding.
+
+Gemma Scope trained its SAEs on many accelerators by sharding data and latents (§4.3 of the paper). saescope
+uses the standard engine for that: ``torchrun`` starts the processes and ``torch.distributed`` moves the
+tensors (gloo on CPU, NCCL on GPU, the same code). The ``world_size`` ranks form a grid
+``data_shards × latent_shards`` (``TrainConfig.latent_shards``; ``rank = data_rank · latent_shards +
+latent_rank``):
+
+- **data parallel** — each data rank reads a disjoint stream of batches, ``batch_size / data_shards`` tokens
+  per step (``batch_size`` stays the *global* tokens per step, so the schedules, the step count and a resume on
+  another world size do not change). Each rank's loss is a mean over its tokens, so the global-batch gradient
+  is the mean of the ranks' gradients: one ``all_reduce`` (sum, then ÷ data_shards) before the decoder-norm
+  projection and the Adam step. Every rank then applies the same update and the replicas stay equal.
+- **latent sharding** — each latent rank holds a contiguous slice of the latents: columns of ``W_enc``, rows of
+  ``W_dec``, entries of ``b_enc`` / ``θ``, plus a replica of ``b_dec``. The partial reconstructions
+  ``f_r W_dec,r`` and the partial L0 counts are summed with one ``all_reduce`` (:func:`reduce_from_shards`,
+  whose backward passes the gradient through because every rank then computes the same loss), ``b_dec`` is
+  added once. ``b_dec`` also enters each shard's encoder (``x − b_dec``); that use goes through
+  :func:`copy_to_shards` (identity forward, ``all_reduce`` of the gradient backward), so the replicas of
+  ``b_dec`` get the full gradient. This is the tensor-parallel "f/g" operator pair of Megatron-LM.
+
+Checkpoints hold the full parameters (gathered to rank 0, which alone writes), so a run resumes on any world
+size. Outside ``torch.distributed`` (the default) none of this code runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from saescope.errors import SaescopeError
+from saescope.sae.ste import heaviside, jumprelu
+
+# ---------------------------------------------------------------------- process group
+
+
+def init_from_env(device: str = "cpu") -> str:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), once.
+
+    The backend follows the device: NCCL for CUDA, gloo otherwise. Returns the device this rank should use
+    (``cuda`` becomes ``cuda:<LOCAL_RANK>``); outside torchrun it returns ``device`` unchanged.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return device
+    cuda = device.startswith("cuda")
+    if cuda and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return device
+
+
+@dataclass
+class Parallel:
+    """This rank's place in the ``data_shards × latent_shards`` grid and the process groups of its row/column."""
+
+    rank: int
+    world_size: int
+    data_rank: int
+    data_shards: int
+    latent_rank: int
+    latent_shards: int
+    data_group: Any        # the ranks holding the same latents (gradients are averaged over them)
+    latent_group: Any      # the ranks reading the same batch (partial reconstructions are summed over them)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def latent_slice(self, width: int) -> slice:
+        """The latents this rank holds out of ``width`` (contiguous, equal slices)."""
+        if width % self.latent_shards:
+            raise SaescopeError(f"width {width} does not split into latent_shards={self.latent_shards} equal "
+                                "slices; pick a width that is a multiple of latent_shards")
+        n = width // self.latent_shards
+        return slice(self.latent_rank * n, (self.latent_rank + 1) * n)
+
+
+def current(latent_shards: int = 1) -> Parallel | None:
+    """The grid for this process, or ``None`` when ``torch.distributed`` is not initialised or has one rank
+    (then training runs exactly as in one process). Every rank must call this, in the same order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if latent_shards < 1 or world % latent_shards:
+        raise SaescopeError(f"latent_shards={latent_shards} must divide the world size {world} (the ranks form a "
+                            "grid data_shards × latent_shards); set latent_shards to a divisor of it")
+    data_shards = world // latent_shards
+    data_rank, latent_rank = divmod(rank, latent_shards)
+    data_group = latent_group = None           # None: the default (whole-world) group
+    if 1 < latent_shards < world:
+        # new_group must be called by every rank for every group, in the same order
+        for d in range(data_shards):
+            g = dist.new_group([d * latent_shards + i for i in range(latent_shards)])
+            if d == data_rank:
+                latent_group = g
+        for i in range(latent_shards):
+            g = dist.new_group([d * latent_shards + i for d in range(data_shards)])
+            if i == latent_rank:
+                data_group = g
+    return Parallel(rank, world, data_rank, data_shards, latent_rank, latent_shards, data_group, latent_group)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------- the autograd pair of latent sharding
+class _ReduceFromShards(torch.autograd.Function):
+    """Forward: sum over the latent group. Backward: the gradient unchanged (every rank computes the same loss
+    from the sum, so each rank's gradient w.r.t. the sum is already the gradient w.r.t. its own term)."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group: Any) -> torch.Tensor:
+        out = partial.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Forward: the replicated tensor unchanged. Backward: sum of the gradients every shard sends it."""
+
+    @staticmethod
+    def forward(ctx, replica: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return replica.view_as(replica)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def reduce_from_shards(partial: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """``Σ_ranks partial`` (one all_reduce) with a pass-through backward."""
+    return _ReduceFromShards.apply(partial, group)
+
+
+def copy_to_shards(replica: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """``replica`` with its gradient summed over the group in the backward pass."""
+    return _CopyToShards.apply(replica, group)
+
+
+def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: float,
+                          target_raw: torch.Tensor | None, group: Any):
+    """The dense JumpReLU step (recipe §1) of one latent shard: same loss and, for this shard's parameters,
+    the same gradients as ``module.training_forward(...).loss.backward()`` on the whole SAE.
+
+    ``x̂ = Σ_r f_r W_dec,r + b_dec`` and ``L0 = Σ_r Σ_{i∈r} H(z_i − θ_i)`` travel in one all_reduce (the L0
+    counts as one extra column, in the wider of the weight and threshold dtypes).
+    """
+    from saescope.train.fast_path import StepResult
+
+    m = module
+    for p in m.parameters():
+        p.grad = None
+        p.requires_grad_(True)
+    try:
+        x = m.normalize(x_raw)
+        target = x if target_raw is None else m.normalize_target(target_raw)
+        xc = x - copy_to_shards(m.b_dec, group) if m.config.apply_b_dec_to_input else x
+        z = xc @ m.W_enc + m.b_enc
+        f = jumprelu(z, m.threshold, m.config.bandwidth)
+        l0_partial = heaviside(z, m.threshold, m.config.bandwidth).sum(dim=-1)
+        partial = f.to(m.dtype) @ m.W_dec
+        wide = torch.promote_types(partial.dtype, l0_partial.dtype)
+        summed = reduce_from_shards(torch.cat([partial.to(wide), l0_partial.to(wide).unsqueeze(1)], dim=1), group)
+        x_hat = summed[:, :-1].to(m.dtype) + m.b_dec
+        l0 = summed[:, -1]
+        reconstruction = (target - x_hat).pow(2).sum(dim=-1)
+        loss = (reconstruction + sparsity_coefficient * l0).mean()
+        loss.backward()
+        with torch.no_grad():
+            centred = target - target.mean(dim=0)
+            fired = (f != 0).any(dim=0)
+        grads = {name: getattr(m, name).grad for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    finally:
+        for p in m.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+    return StepResult(loss=float(loss.detach()), reconstruction=float(reconstruction.detach().mean()),
+                      l0=float(l0.detach().to(torch.float64).mean()), total_variance=float(centred.pow(2).sum()),
+                      fired=fired, grads=grads)
+
+
+# ---------------------------------------------------------------------- data parallel
+@torch.no_grad()
+def average_gradients(grads: dict[str, torch.Tensor], group: Any, shards: int) -> dict[str, torch.Tensor]:
+    """Mean of each gradient over the data group: one flat all_reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, g in grads.items():
+        by_dtype.setdefault(g.dtype, []).append(name)
+    out = dict(grads)
+    for names in by_dtype.values():
+        flat = torch.cat([grads[n].reshape(-1) for n in names])
+        dist.all_reduce(flat, group=group)
+        flat.div_(shards)
+        offset = 0
+        for n in names:
+            size = grads[n].numel()
+            out[n] = flat[offset:offset + size].view(grads[n].shape)
+            offset += size
+    return out
+
+
+@torch.no_grad()
+def reduce_step_statistics(result, group: Any, shards: int):
+    """Batch statistics of the global batch: means of loss / reconstruction / L0 (equal per-rank batches), sum
+    of the per-rank centred variances, union of the latents that fired."""
+    device = result.fired.device
+    stats = torch.tensor([result.loss, result.reconstruction, result.l0, result.total_variance],
+                         dtype=torch.float64, device=device)
+    fired = result.fired.to(torch.float64)
+    packed = torch.cat([stats, fired])
+    dist.all_reduce(packed, group=group)
+    result.loss = float(packed[0]) / shards
+    result.reconstruction = float(packed[1]) / shards
+    result.l0 = float(packed[2]) / shards
+    result.total_variance = float(packed[3])
+    result.fired = packed[4:] > 0
+    return result
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if ``flag`` is true on one (e.g. a SIGTERM that reached one rank first)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_batch(batch: dict[str, torch.Tensor], group: Any, shards: int) -> dict[str, torch.Tensor]:
+    """The global batch: every data rank's rows, concatenated in rank order."""
+    out = {}
+    for site, t in batch.items():
+        parts = [torch.empty_like(t) for _ in range(shards)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        out[site] = torch.cat(parts)
+    return out
+
+
+class DataShard:
+    """Rank ``rank`` of ``shards``: rows ``[rank·b, (rank+1)·b)`` (``b = batch/shards``) of each batch of a global
+    batch source. Its position is the global source's, so a checkpoint resumes exactly on any number of ranks.
+    (``saescope train`` instead gives each rank its own activation-store stream.)"""
+
+    def __init__(self, source, rank: int, shards: int):
+        self.source, self.rank, self.shards = source, rank, shards
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.source:
+            n = next(iter(batch.values())).shape[0]
+            if n % self.shards:
+                raise SaescopeError(f"a batch of {n} rows does not split into {self.shards} equal data shards")
+            b = n // self.shards
+            yield {k: v[self.rank * b:(self.rank + 1) * b] for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+    def norm_scale(self, site_id: str) -> float:
+        return self.source.norm_scale(site_id)
+
+
+def adapt_loader_state(state: dict[str, Any], source) -> dict[str, Any]:
+    """A store loader position saved with another number of data ranks, moved to this rank's stream at the
+    same epoch and the same fraction of it (the rows differ from an unbroken run; nothing is exact here)."""
+    if isinstance(state, dict) and "world_size" in state and hasattr(source, "world_size"):
+        state = dict(state, rank=source.rank, world_size=source.world_size, batch_size=source.batch_size)
+    return state
+
+
+# ---------------------------------------------------------------------- checkpoints: gather / slice latents
+LATENT_DIMS = {"param/W_enc": 1, "param/b_enc": 0, "param/W_dec": 0, "param/threshold": 0, "log_threshold": 0,
+               "tokens_since_fired": 0}
+"""Unit state tensors that are split over latents, and the dimension they are split along (everything else,
+``b_dec`` and Adam's step count, is replicated). Adam's moments follow their parameter (``W_enc``'s along 0:
+the optimizer holds ``W_encᵀ``)."""
+
+
+def latent_dim(key: str) -> int | None:
+    """Which dimension of unit state ``key`` (without the unit prefix) is split over latents, or ``None``."""
+    if key in LATENT_DIMS:
+        return LATENT_DIMS[key]
+    for moment in ("adam/exp_avg.", "adam/exp_avg_sq."):
+        if key.startswith(moment):
+            return None if key[len(moment):] == "b_dec" else 0
+    return None
+
+
+def gather_latents(tensors: dict[str, torch.Tensor], prefix: str, group: Any, shards: int
+                   ) -> dict[str, torch.Tensor]:
+    """The full tensors of one unit from every latent rank's slice (all ranks of the group must call)."""
+    out = {}
+    for key, t in tensors.items():
+        dim = latent_dim(key[len(prefix) + 1:])
+        if dim is None:
+            out[key] = t
+            continue
+        parts = [torch.empty_like(t) for _ in range(shards)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        out[key] = torch.cat(parts, dim=dim)
+    return out
+
+
+def slice_latents(tensors: dict[str, torch.Tensor], prefix: str, latents: slice) -> dict[str, torch.Tensor]:
+    """This rank's slice of one unit's full checkpoint tensors."""
+    out = {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix + "/"):
+            out[key] = t
+            continue
+        dim = latent_dim(key[len(prefix) + 1:])
+        out[key] = t if dim is None else t.narrow(dim, latents.start, latents.stop - latents.start).contiguous()
+    return out
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

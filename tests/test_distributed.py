@@ -1,0 +1,186 @@
+"""torch.distributed training (saescope.distributed): two (or four) gloo processes on CPU give the same SAEs as one
+process trained on the same global batches, and a checkpoint from two ranks resumes in one.
+
+The reference is the ordinary single-process Trainer (itself checked against autograd and float64 elsewhere);
+the processes are started with torch.multiprocessing and a FileStore rendezvous, no torchrun needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from saescope import distributed
+from saescope.errors import SaescopeError
+from saescope.formats import load_sae
+from saescope.train import SAESpec, TrainConfig, Trainer
+from saescope.train.checkpoint import latest_checkpoint, load_checkpoint
+from saescope.train.sources import TensorBatchSource
+
+SITE = "resid_post/layer_2"
+D = 16
+STEPS = 8
+
+
+def _acts(n=1024, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(32, D, generator=gen, dtype=torch.float64)
+    codes = torch.rand(n, 32, generator=gen, dtype=torch.float64) * (torch.rand(n, 32, generator=gen) < 0.15)
+    x = codes @ dirs + 0.05 * torch.randn(n, D, generator=gen, dtype=torch.float64) + 1.0
+    y = torch.randn(n, D, generator=gen, dtype=torch.float64) + codes[:, :D]
+    return {SITE: x * 5.0, "mlp_in/layer_1": x / x.norm(dim=1, keepdim=True) * D ** 0.5, "mlp_out/layer_1": y}
+
+
+def _config(out_dir, **kw) -> TrainConfig:
+    base = {"saes": [SAESpec(site=SITE, width=32, sparsity_coefficient=0.02),
+                     SAESpec(site="mlp_in/layer_1", width=32, sparsity_coefficient=0.01, kind="transcoder")],
+            "total_tokens": STEPS * 64, "batch_size": 64, "lr": 3e-3, "lr_warmup_steps": 3,
+            "sparsity_warmup_steps": 4, "log_every": 3, "checkpoint_every": 0, "out_dir": out_dir,
+            "initial_threshold": 0.05, "bandwidth": 0.05, "dtype": "float64",
+            # first-batch initialisation: the data-parallel run must see the global first batch
+            "initial_b_dec": "mean", "initial_threshold_quantile": 0.8,
+            "fast_path_max_density": 1.0}     # the sparse step from step 2 on (the first step is dense)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train(cfg: TrainConfig, data_rank: int = 0, data_shards: int = 1, max_steps: int | None = None):
+    acts = _acts()
+    source = TensorBatchSource(acts, cfg.batch_size, seed=11)
+    if data_shards > 1:
+        source = distributed.DataShard(source, data_rank, data_shards)
+    scales = {k: TensorBatchSource(acts, cfg.batch_size).norm_scale(k) for k in acts}
+    return Trainer(cfg, source, scales, progress=False).run(max_steps=max_steps)
+
+
+def _worker(rank: int, world: int, init_file: str, cfg_json: str, max_steps: int | None, result_file: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig.model_validate_json(cfg_json)
+        par = distributed.current(cfg.latent_shards)
+        folders = _train(cfg, par.data_rank, par.data_shards, max_steps)
+        with open(f"{result_file}.{rank}", "w") as fh:
+            json.dump({k: str(v) for k, v in folders.items()}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(cfg: TrainConfig, world: int, tmp_path, max_steps: int | None = None) -> list[dict[str, str]]:
+    tag = uuid.uuid4().hex[:8]
+    result = str(tmp_path / f"result_{tag}")
+    mp.spawn(_worker, args=(world, str(tmp_path / f"rendezvous_{tag}"), cfg.model_dump_json(), max_steps, result),
+             nprocs=world, join=True)
+    out = []
+    for r in range(world):
+        with open(f"{result}.{r}") as fh:
+            out.append(json.load(fh))
+    return out
+
+
+def _final_state(out_dir) -> dict[str, torch.Tensor]:
+    tensors, meta = load_checkpoint(latest_checkpoint(out_dir / "checkpoints"))
+    assert meta["step"] == STEPS
+    return {k: v for k, v in tensors.items() if k.startswith("sae")}
+
+
+def _assert_same(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]):
+    assert ref.keys() == got.keys()
+    for k, expected in ref.items():
+        assert expected.shape == got[k].shape, k
+        torch.testing.assert_close(got[k], expected, rtol=0, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _assert_same_suites(ref_folders: dict, got_folders: dict):
+    assert ref_folders.keys() == got_folders.keys()
+    for name, folder in ref_folders.items():
+        a, b = load_sae(folder), load_sae(got_folders[name])
+        for key, t in a.state_tensors().items():
+            torch.testing.assert_close(b.state_tensors()[key], t, rtol=0, atol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    folders = _train(_config(out))
+    state = _final_state(out)
+    # the test is not vacuous: training moved the weights and both SAEs fire
+    init = _config(tmp_path_factory.mktemp("init"), total_tokens=64)
+    _train(init, max_steps=0)
+    moved = (state["sae0/param/W_enc"] - load_checkpoint(latest_checkpoint(init.out_dir / "checkpoints"))[0][
+        "sae0/param/W_enc"]).abs().max()
+    assert moved > 1e-3
+    assert (state["sae0/tokens_since_fired"] == 0).any() and (state["sae1/tokens_since_fired"] == 0).any()
+    return state, folders
+
+
+@pytest.mark.parametrize("world,latent_shards", [(2, 1), (2, 2), (4, 2)],
+                         ids=["data-parallel", "latent-sharded", "data+latent"])
+def test_matches_one_process(tmp_path, reference, world, latent_shards):
+    ref_state, ref_folders = reference
+    out = tmp_path / "run"
+    results = _spawn(_config(out, latent_shards=latent_shards), world, tmp_path)
+    _assert_same(ref_state, _final_state(out))
+    assert all(r == results[0] for r in results)          # every rank returns the folders rank 0 wrote
+    _assert_same_suites(ref_folders, results[0])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * (STEPS // 3)                   # one writer: rank 0
+    assert rows[-1]["tokens"] == 6 * 64                    # global tokens
+
+
+@pytest.mark.parametrize("latent_shards", [1, 2], ids=["data-parallel", "latent-sharded"])
+def test_resume_two_ranks_to_one(tmp_path, reference, latent_shards):
+    ref_state, ref_folders = reference
+    out = tmp_path / "run"
+    cfg = _config(out, latent_shards=latent_shards)
+    _spawn(cfg, 2, tmp_path, max_steps=5)
+    tensors, meta = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert meta["step"] == 5 and meta["world_size"] == 2
+    assert tensors["sae0/param/W_dec"].shape == (32, D)    # full parameters, not a shard
+    folders = _train(cfg)                                  # one process, the same command
+    _assert_same(ref_state, _final_state(out))
+    _assert_same_suites(ref_folders, folders)
+
+
+def test_reduce_and_copy_autograd_pair(tmp_path):
+    """One process (world of one): the pair is the identity forward and backward."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        y = distributed.reduce_from_shards(distributed.copy_to_shards(x) * 2.0)
+        y.sum().backward()
+        torch.testing.assert_close(y, x * 2.0)
+        torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+        assert distributed.current(1) is None              # one rank: the ordinary single-process path
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_grids_are_refused():
+    par = distributed.Parallel(rank=1, world_size=2, data_rank=0, data_shards=1, latent_rank=1, latent_shards=2,
+                               data_group=None, latent_group=None)
+    assert par.latent_slice(32) == slice(16, 32)
+    with pytest.raises(SaescopeError, match="multiple of latent_shards"):
+        par.latent_slice(33)
+
+
+def test_data_shard_splits_each_global_batch():
+    acts = _acts(n=256)
+    whole = list(TensorBatchSource(acts, 64, seed=3, epochs=1))
+    halves = [list(distributed.DataShard(TensorBatchSource(acts, 64, seed=3, epochs=1), r, 2)) for r in range(2)]
+    for b, h0, h1 in zip(whole, *halves, strict=True):
+        for site in acts:
+            assert torch.equal(torch.cat([h0[site], h1[site]]), b[site])
+
+
+def test_single_process_path_unchanged_without_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_from_env("cpu") == "cpu"
+    assert not dist.is_initialized()
+    assert os.environ.get("WORLD_SIZE") is None
