@@ -122,7 +122,7 @@ def main() -> None:
         runners.pop(name, None)
 
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for name, run in runners.items():       # warm-up
+    for run in runners.values():       # warm-up
         run()
         _sync(device)
     for _ in range(args.repeats):            # alternating rounds

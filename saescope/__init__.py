@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from saescope.sae.jumprelu import JumpReLUSAE  # noqa: E402
-from saescope.formats import load_sae, save_sae  # noqa: E402
+from saescope.formats import load_sae, save_sae
+from saescope.sae.jumprelu import JumpReLUSAE
 
 __all__ = ["JumpReLUSAE", "__version__", "load_sae", "save_sae"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -98,7 +97,7 @@ def cache(
     sites: list[str] = typer.Option(..., "--sites", help="site to cache, e.g. resid_post/layer_6 (repeat)"),
     text: str = typer.Option("shakespeare", help="shakespeare, python, file:PATH or hf:NAME[:SPLIT[:COLUMN]]"),
     out: Path = typer.Option(..., help="store folder, e.g. runs/x/activations (re-run to resume)"),
-    max_tokens: Optional[int] = typer.Option(None, help="stop after this many stored tokens"),
+    max_tokens: int | None = typer.Option(None, help="stop after this many stored tokens"),
     context_len: int = typer.Option(1024, help="tokens per window (BOS first)"),
     batch_size: int = typer.Option(4, help="windows per forward pass"),
     shard_rows: int = typer.Option(16384, help="rows per shard file"),
@@ -138,25 +137,25 @@ def cache(
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Argument(None, help="training config (.toml or .json); flags override it"),
-    store: Optional[Path] = typer.Option(None, help="activation store folder (from `saescope cache`)"),
-    out: Optional[Path] = typer.Option(None, help="run folder (checkpoints/, suite/, metrics.jsonl)"),
+    config: Path | None = typer.Argument(None, help="training config (.toml or .json); flags override it"),
+    store: Path | None = typer.Option(None, help="activation store folder (from `saescope cache`)"),
+    out: Path | None = typer.Option(None, help="run folder (checkpoints/, suite/, metrics.jsonl)"),
     sites: list[str] = typer.Option([], "--sites", help="SAE site, e.g. resid_post/layer_6 (repeat)"),
     transcoder_layers: list[int] = typer.Option([], "--transcoder-layer", help="train mlp_in→mlp_out "
                                                 "transcoders at this layer (repeat)"),
     widths: list[int] = typer.Option([], "--width", help="number of latents (repeat for several)"),
     lambdas: list[float] = typer.Option([], "--lambda", help="sparsity coefficient λ (repeat for several)"),
-    total_tokens: Optional[int] = typer.Option(None, help="tokens to train on"),
-    batch_size: Optional[int] = typer.Option(None, help="tokens per step (recipe: 4096)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (recipe: 7e-5)"),
-    lr_warmup_steps: Optional[int] = typer.Option(None, help="cosine lr warm-up steps (recipe: 1000)"),
-    sparsity_warmup_steps: Optional[int] = typer.Option(None, help="linear λ warm-up steps (recipe: 10000)"),
-    threshold_parameterization: Optional[str] = typer.Option(None, help="log (recipe) or direct"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
-    log_every: Optional[int] = typer.Option(None, help="steps between log lines"),
-    seed: Optional[int] = typer.Option(None, help="seed for initialisation and data order"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
-    model: Optional[str] = typer.Option(None, help="model name stored in each SAE's config"),
+    total_tokens: int | None = typer.Option(None, help="tokens to train on"),
+    batch_size: int | None = typer.Option(None, help="tokens per step (recipe: 4096)"),
+    lr: float | None = typer.Option(None, help="learning rate (recipe: 7e-5)"),
+    lr_warmup_steps: int | None = typer.Option(None, help="cosine lr warm-up steps (recipe: 1000)"),
+    sparsity_warmup_steps: int | None = typer.Option(None, help="linear λ warm-up steps (recipe: 10000)"),
+    threshold_parameterization: str | None = typer.Option(None, help="log (recipe) or direct"),
+    checkpoint_every: int | None = typer.Option(None, help="steps between checkpoints"),
+    log_every: int | None = typer.Option(None, help="steps between log lines"),
+    seed: int | None = typer.Option(None, help="seed for initialisation and data order"),
+    device: str | None = typer.Option(None, help="cpu, cuda, ..."),
+    model: str | None = typer.Option(None, help="model name stored in each SAE's config"),
     dense: bool = typer.Option(False, "--dense", help="use the plain dense step instead of the fast path"),
     tensorboard: bool = typer.Option(False, help="also log to TensorBoard (out/tensorboard)"),
     wandb: bool = typer.Option(False, help="also log to Weights & Biases in offline mode"),
@@ -206,11 +205,11 @@ def train(
 @app.command()
 def dashboards(
     path: Path = typer.Argument(..., help="an SAE folder, or a run directory (every SAE under suite/)"),
-    store: Optional[Path] = typer.Option(None, help="activation store (default: <run>/activations)"),
-    model: Optional[str] = typer.Option(None, help="model for the tokenizer and logit effect (default: the "
+    store: Path | None = typer.Option(None, help="activation store (default: <run>/activations)"),
+    model: str | None = typer.Option(None, help="model for the tokenizer and logit effect (default: the "
                                                    "SAE config's model)"),
     top_k: int = typer.Option(20, help="top activating contexts per latent"),
-    max_tokens: Optional[int] = typer.Option(None, help="read at most this many store rows"),
+    max_tokens: int | None = typer.Option(None, help="read at most this many store rows"),
     no_html: bool = typer.Option(False, "--no-html", help="write only summary.json + latents.jsonl"),
     device: str = typer.Option("cpu", help="device for the SAE and model"),
 ) -> None:
@@ -236,7 +235,7 @@ def browse(
     run_dir: Path = typer.Argument(..., help="run directory (runs/<name>) or a folder of SAEs"),
     host: str = typer.Option("127.0.0.1", help="interface to bind (only this machine by default)"),
     port: int = typer.Option(8000, help="port (0 picks a free one)"),
-    model: Optional[str] = typer.Option(None, help="model for typed texts (default: each SAE config's model)"),
+    model: str | None = typer.Option(None, help="model for typed texts (default: each SAE config's model)"),
     device: str = typer.Option("cpu", help="device for the SAEs and model"),
 ) -> None:
     """Serve a local web page: pick an SAE, open latent dashboards, type a text to see the latents per token."""
@@ -257,7 +256,7 @@ def steer(
     latent: int = typer.Option(..., help="latent whose decoder direction is added"),
     coefficient: float = typer.Option(..., help="α added to the latent's activation (see its max on the dashboard)"),
     prompt: str = typer.Option(..., help="text to continue"),
-    model: Optional[str] = typer.Option(None, help="model (default: the SAE config's model)"),
+    model: str | None = typer.Option(None, help="model (default: the SAE config's model)"),
     max_new_tokens: int = typer.Option(30, help="tokens to generate"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     seed: int = typer.Option(0, help="sampling seed (the same for both runs)"),
@@ -292,7 +291,7 @@ def steer(
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="run directory with suite/ (from saescope train)"),
-    model: Optional[str] = typer.Option(None, help="model (default: the one the SAEs name)"),
+    model: str | None = typer.Option(None, help="model (default: the one the SAEs name)"),
     domains: list[str] = typer.Option(["shakespeare", "python"], "--domain",
                                       help="held-out text domain (repeat): shakespeare, python, file:PATH, hf:NAME"),
     held_out_fraction: float = typer.Option(0.1, help="fraction of documents held out (as when caching)"),
@@ -380,5 +379,5 @@ def demo(
     typer.echo(f"took {summary['seconds']['total'] / 60:.1f} min ({summary['seconds']})")
 
 
-def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry point helper
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - console entry point helper
     app(argv)

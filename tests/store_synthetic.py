@@ -52,7 +52,7 @@ def read_store_with_safetensors(root: Path) -> dict[str, torch.Tensor]:
     for shard in index["shards"]:
         for name, entry in shard["files"].items():
             with safe_open(str(Path(root) / entry["path"]), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                for key in f.keys():
                     out.setdefault(name if key == "activations" else key, []).append(f.get_tensor(key))
     return {k: torch.cat(v) for k, v in out.items()}
 

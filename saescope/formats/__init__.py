@@ -32,7 +32,7 @@ _DETECT = (("native", is_native), ("saelens", is_saelens), ("gemma-scope-2", is_
            ("gemma-scope", is_gemma_scope))
 
 
-def save_sae(sae: JumpReLUSAE, path: str | Path, format: str = "native") -> Path:  # noqa: A002
+def save_sae(sae: JumpReLUSAE, path: str | Path, format: str = "native") -> Path:
     """Write ``sae`` to the folder ``path`` in one of :data:`FORMATS`."""
     if format not in _SAVERS:
         raise ValueError(f"unknown SAE format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -58,7 +58,7 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
                                 "or cfg.json + sae_weights.safetensors")
 
 
-def load_sae(path: str | Path, *, format: str | None = None, expect_d_in: int | None = None,  # noqa: A002
+def load_sae(path: str | Path, *, format: str | None = None, expect_d_in: int | None = None,
              device: torch.device | str | None = None, folder: str | None = None,
              revision: str | None = None, cache_dir: str | Path | None = None) -> JumpReLUSAE:
     """Load an SAE from a folder in any of :data:`FORMATS` (detected unless ``format`` is given).

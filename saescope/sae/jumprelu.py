@@ -21,9 +21,10 @@ post-JumpReLU values, which would give a latent just below its threshold no grad
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -235,7 +236,7 @@ class JumpReLUSAE(nn.Module):
 
         return standardize(self)
 
-    def save(self, path: str | Path, format: str = "native") -> Path:  # noqa: A002 - the public API name
+    def save(self, path: str | Path, format: str = "native") -> Path:
         """Write the SAE to the folder ``path`` in ``"native"``, ``"gemma-scope"``, ``"gemma-scope-2"``
         or ``"saelens"`` format; returns the folder. See :mod:`saescope.formats`."""
         from saescope.formats import save_sae

@@ -336,7 +336,7 @@ class _Prefetcher:
         try:
             buffers = self._sets[block % len(self._sets)]
             self._result = self._loader._read_block(self._pieces, self._epoch, block, buffers)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
+        except BaseException as exc:
             self._error = exc
 
     def _start(self) -> None:
