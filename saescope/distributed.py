@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,27 @@ def init_from_env(device: str = "cpu") -> str:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return device
+
+
+@contextmanager
+def process_group(device: str = "cpu") -> Iterator[str]:
+    """:func:`init_from_env` for the length of a ``with`` block; a group it created is shut down at the end
+    (after a barrier when the block succeeded), so no rank exits while another's gloo/NCCL threads still talk
+    to it."""
+    created = not (dist.is_available() and dist.is_initialized())
+    device = init_from_env(device)
+    created = created and dist.is_available() and dist.is_initialized()
+    try:
+        yield device
+    except BaseException:
+        if created:            # no barrier: another rank may never reach it
+            dist.destroy_process_group()
+        raise
+    if created:
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @dataclass

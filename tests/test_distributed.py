@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -19,7 +21,8 @@ import torch.multiprocessing as mp
 from saescope import distributed
 from saescope.errors import SaescopeError
 from saescope.formats import load_sae
-from saescope.train import SAESpec, TrainConfig, Trainer
+from saescope.store import ActivationLoader, StoreWriter
+from saescope.train import SAESpec, TrainConfig, Trainer, train_from_store
 from saescope.train.checkpoint import latest_checkpoint, load_checkpoint
 from saescope.train.sources import TensorBatchSource
 
@@ -64,8 +67,11 @@ def _worker(rank: int, world: int, init_file: str, cfg_json: str, max_steps: int
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = TrainConfig.model_validate_json(cfg_json)
-        par = distributed.current(cfg.latent_shards)
-        folders = _train(cfg, par.data_rank, par.data_shards, max_steps)
+        if cfg.store is not None:         # saescope train's path: each data rank reads its own store stream
+            folders = train_from_store(cfg, progress=False)
+        else:
+            par = distributed.current(cfg.latent_shards)
+            folders = _train(cfg, par.data_rank, par.data_shards, max_steps)
         with open(f"{result_file}.{rank}", "w") as fh:
             json.dump({k: str(v) for k, v in folders.items()}, fh)
     finally:
@@ -184,3 +190,79 @@ def test_single_process_path_unchanged_without_torchrun(monkeypatch):
     assert distributed.init_from_env("cpu") == "cpu"
     assert not dist.is_initialized()
     assert os.environ.get("WORLD_SIZE") is None
+
+
+# ---------------------------------------------------------------------- on an activation store (saescope train)
+STORE_SITE = "resid_post/layer_1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "acts"
+    gen = torch.Generator().manual_seed(0)
+    writer = StoreWriter(path, {STORE_SITE: 16}, shard_rows=500)
+    dirs = torch.randn(40, 16, generator=gen)
+    for chunk in range(4):
+        codes = torch.rand(300, 40, generator=gen) * (torch.rand(300, 40, generator=gen) < 0.1)
+        writer.add({STORE_SITE: (codes @ dirs + 1.0) * 30}, token_ids=torch.arange(300),
+                   document_ids=torch.full((300,), chunk), positions=torch.arange(300))
+    writer.close()
+    return path
+
+
+class _Concatenated:
+    """One process's view of two data ranks: each global batch is rank 0's rows then rank 1's."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __iter__(self):
+        for parts in zip(*self.loaders):
+            yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_store_streams_data_parallel_matches_one_process(tmp_path, store):
+    cfg = TrainConfig(saes=[SAESpec(site=STORE_SITE, width=32, sparsity_coefficient=0.02)], total_tokens=10 * 100,
+                      batch_size=100, lr=3e-3, lr_warmup_steps=3, sparsity_warmup_steps=4, log_every=5,
+                      checkpoint_every=0, dtype="float64", initial_threshold=0.05, bandwidth=0.05,
+                      fast_path_max_density=1.0, store=store, out_dir=tmp_path / "two", shuffle_buffer=256, seed=3)
+    _spawn(cfg, 2, tmp_path)
+    loaders = [ActivationLoader(store, [STORE_SITE], 50, seed=3, epochs=None, shuffle_buffer=256, rank=r,
+                                world_size=2) for r in range(2)]
+    one = cfg.model_copy(update={"out_dir": tmp_path / "one"})
+    Trainer(one, _Concatenated(loaders), {STORE_SITE: loaders[0].norm_scale(STORE_SITE)},
+            {STORE_SITE: 16}, progress=False).run()
+    a = load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints"))[0]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints"))[0]
+    _assert_same({k: v for k, v in a.items() if k.startswith("sae")}, {k: v for k, v in b.items() if k.startswith("sae")})
+
+
+def test_torchrun_cli_then_resume_in_one_process(tmp_path, store):
+    """`torchrun --nproc-per-node 2 -m saescope train ...` (gloo), then the same command in one process resumes."""
+    out = tmp_path / "run"
+    flags = ["train", "--store", str(store), "--out", str(out), "--sites", STORE_SITE, "--width", "32", "--lambda",
+             "0.02", "--batch-size", "100", "--lr", "3e-3", "--lr-warmup-steps", "3", "--sparsity-warmup-steps", "4",
+             "--log-every", "2", "--checkpoint-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "saescope", *flags, "--total-tokens", "400"],
+                         check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    tensors, meta = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert meta["step"] == 4 and meta["world_size"] == 2 and len(meta["loader_ranks"]) == 2
+    assert [s["rank"] for s in distributed_loader_states(meta, tensors)] == [0, 1]
+    assert (out / "suite" / "training_summary.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == [200, 400]
+    run = subprocess.run([sys.executable, "-m", "saescope", *flags, "--total-tokens", "800"],
+                         check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    tensors, meta = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert meta["step"] == 8 and "world_size" not in meta
+    assert meta["loader"]["world_size"] == 1 and meta["loader"]["batch_size"] == 100
+
+
+def distributed_loader_states(meta, tensors):
+    from saescope.train.checkpoint import join_state
+
+    return [join_state(s, tensors) for s in meta["loader_ranks"]]

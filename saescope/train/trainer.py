@@ -626,9 +626,10 @@ def train(config: TrainConfig, source: Iterable[dict[str, torch.Tensor]], norm_s
 
 def train_from_store(config: TrainConfig, *, progress: bool = True) -> dict[str, Path]:
     """Train on the activation store at ``config.store`` (``saescope cache`` writes it); resumes if
-    ``config.out_dir`` holds a checkpoint. Every check (store complete, sites present) runs before training."""
-    from saescope.store.loader import ActivationLoader
+    ``config.out_dir`` holds a checkpoint. Every check (store complete, sites present) runs before training.
 
+    Under ``torchrun`` it joins the process group (gloo on CPU, NCCL on CUDA) and trains across the ranks
+    (:mod:`saescope.distributed`; ``batch_size`` is the global tokens per step)."""
     if config.store is None:
         raise SaescopeError("no activation store given: set store = 'PATH' in the config or pass --store PATH "
                             "(make one with `saescope cache`)")
@@ -638,9 +639,15 @@ def train_from_store(config: TrainConfig, *, progress: bool = True) -> dict[str,
     if config.shuffle_buffer:
         kwargs["shuffle_buffer"] = config.shuffle_buffer
     # under torchrun: join the process group; each data rank reads its own disjoint stream (saescope.distributed)
-    device = distributed.init_from_env(config.device)
-    if device != config.device:
-        config = config.model_copy(update={"device": device})
+    with distributed.process_group(config.device) as device:
+        if device != config.device:
+            config = config.model_copy(update={"device": device})
+        return _train_from_store(config, kwargs, progress)
+
+
+def _train_from_store(config: TrainConfig, kwargs: dict[str, Any], progress: bool) -> dict[str, Path]:
+    from saescope.store.loader import ActivationLoader
+
     parallel = distributed.current(config.latent_shards)
     batch_size = config.batch_size
     if parallel is not None:
