@@ -109,8 +109,8 @@ def cache(
     """Run a model over a text once and store the activations of some sites (resumable: re-run to continue)."""
     from saescope.config import Site
     from saescope.corpus import documents_from_spec
+    from saescope.distributed import cache_across_ranks, process_group
     from saescope.models import load_model
-    from saescope.store import cache_activations
 
     try:
         parsed = [Site.parse(s) for s in sites]
@@ -124,10 +124,12 @@ def cache(
             fail(f"{name} must be positive, got {value}")
     try:
         documents = documents_from_spec(text)  # checks the spec before the model loads
-        loaded = load_model(model, dtype=model_dtype, device=device)
-        index = cache_activations(loaded, documents, parsed, out, context_len=context_len, batch_size=batch_size,
-                                  shard_rows=shard_rows, dtype=dtype, max_tokens=max_tokens, text_name=text,
-                                  held_out_fraction=held_out_fraction)
+        # under torchrun each rank caches every W-th window into its part of the same store (saescope.distributed)
+        with process_group(device) as device:
+            loaded = load_model(model, dtype=model_dtype, device=device)
+            index = cache_across_ranks(loaded, documents, parsed, out, context_len=context_len,
+                                       batch_size=batch_size, shard_rows=shard_rows, dtype=dtype,
+                                       max_tokens=max_tokens, text_name=text, held_out_fraction=held_out_fraction)
     except SaescopeError as exc:
         fail(str(exc))
     for site_id, entry in index.sites.items():

@@ -9,6 +9,7 @@ stored (no forward pass for them) and continues where the killed run stopped.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def cache_activations(
     text_name: str | None = None,
     held_out_fraction: float = 0.1,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> StoreIndex:
     """Cache the activations of ``sites`` of ``model`` on ``documents`` into a store at ``out``.
 
@@ -56,6 +59,8 @@ def cache_activations(
     Re-running with the same arguments resumes an unfinished store (or returns a finished one untouched).
     Only the training part of the by-document split is cached (:func:`saescope.corpus.split_documents`):
     the documents with ``held_out_score(id) < held_out_fraction`` are kept for evaluation, never stored.
+    ``rank`` / ``world_size``: store only windows ``rank, rank + world_size, …`` of the packed stream (one rank of
+    :func:`saescope.distributed.cache_across_ranks`; document ids and windows stay those of the whole stream).
     """
     from saescope.corpus import documents_from_spec, split_documents
     from saescope.models import LoadedModel, load_model
@@ -102,6 +107,8 @@ def cache_activations(
     names: list[str] = []
     writer.document_name = lambda i: f"{i} ({names[i]})" if 0 <= i < len(names) else str(i)
     windows = _windows_from(model, documents, context_len, names)
+    if world_size > 1:
+        windows = itertools.islice(windows, rank, None, world_size)
     skip = writer.chunks_done
     bar = tqdm(total=max_tokens, initial=writer.rows, unit="tok", unit_scale=True, disable=not progress,
                desc=f"caching {len(parsed)} site(s) to {out}", dynamic_ncols=True)
