@@ -131,6 +131,13 @@ def current(latent_shards: int = 1) -> Parallel | None:
     return Parallel(rank, world, data_rank, data_shards, latent_rank, latent_shards, data_group, latent_group)
 
 
+def _comm_device(group: Any = None) -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -267,10 +274,12 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
 def gather_batch(batch: dict[str, torch.Tensor], group: Any, shards: int) -> dict[str, torch.Tensor]:
     """The global batch: every data rank's rows, concatenated in rank order."""
     out = {}
+    device = _comm_device(group)
     for site, t in batch.items():
-        parts = [torch.empty_like(t) for _ in range(shards)]
-        dist.all_gather(parts, t.contiguous(), group=group)
-        out[site] = torch.cat(parts)
+        local = t.to(device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(shards)]
+        dist.all_gather(parts, local, group=group)
+        out[site] = torch.cat(parts).to(t.device)
     return out
 
 
@@ -330,14 +339,16 @@ def gather_latents(tensors: dict[str, torch.Tensor], prefix: str, group: Any, sh
                    ) -> dict[str, torch.Tensor]:
     """The full tensors of one unit from every latent rank's slice (all ranks of the group must call)."""
     out = {}
+    device = _comm_device(group)
     for key, t in tensors.items():
         dim = latent_dim(key[len(prefix) + 1:])
         if dim is None:
             out[key] = t
             continue
-        parts = [torch.empty_like(t) for _ in range(shards)]
-        dist.all_gather(parts, t.contiguous(), group=group)
-        out[key] = torch.cat(parts, dim=dim)
+        local = t.to(device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(shards)]
+        dist.all_gather(parts, local, group=group)
+        out[key] = torch.cat(parts, dim=dim).to(t.device)
     return out
 
 

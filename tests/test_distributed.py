@@ -154,6 +154,17 @@ def test_resume_two_ranks_to_one(tmp_path, reference, latent_shards):
     _assert_same_suites(ref_folders, folders)
 
 
+@pytest.mark.parametrize("latent_shards", [1, 2], ids=["data-parallel", "latent-sharded"])
+def test_resume_one_rank_to_two(tmp_path, reference, latent_shards):
+    ref_state, ref_folders = reference
+    out = tmp_path / "run"
+    cfg = _config(out, latent_shards=latent_shards)
+    _train(cfg, max_steps=3)                               # one process, stopped at step 3
+    results = _spawn(cfg, 2, tmp_path)                     # two ranks pick it up
+    _assert_same(ref_state, _final_state(out))
+    _assert_same_suites(ref_folders, results[0])
+
+
 def test_reduce_and_copy_autograd_pair(tmp_path):
     """One process (world of one): the pair is the identity forward and backward."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)

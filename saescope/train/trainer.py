@@ -155,7 +155,8 @@ class _Unit:
         if limit <= 0:
             return 0.0
         if self.latents is not None:      # count over every shard's latents
-            dead = torch.tensor([float((self.tokens_since_fired >= limit).sum())], dtype=torch.float64)
+            dead = torch.tensor([float((self.tokens_since_fired >= limit).sum())], dtype=torch.float64,
+                                device=self.module.device)
             torch.distributed.all_reduce(dead, group=self.parallel.latent_group)
             return float(dead[0]) / self.spec.width
         return float((self.tokens_since_fired >= limit).float().mean())
