@@ -91,3 +91,39 @@ def test_max_tokens_is_split_over_ranks(tmp_path):
     index = StoreIndex.load(tmp_path / "s")
     assert index.rows == 37 and index.settings["max_rows"] == 37
     assert [StoreIndex.load(tmp_path / "s" / distributed.rank_store_folder(2, r)).rows for r in range(2)] == [18, 19]
+
+
+def test_torchrun_cli_cache_on_a_saved_tiny_model(tmp_path):
+    """`torchrun --nproc-per-node 2 -m saescope cache ...`: one merged store with the rows of a one-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny_models import tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{chr(29 + i): i for i in range(3, 97)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    fast.save_pretrained(folder)
+    (tmp_path / "text.txt").write_text("to be or not to be, that is the question\n" * 6)
+    args = ["cache", str(folder), "--sites", "resid_post/layer_1", "--text", f"file:{tmp_path / 'text.txt'}",
+            "--context-len", "16", "--shard-rows", "30", "--held-out-fraction", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "saescope", *args, "--out", str(tmp_path / "two")],
+                         check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, "-m", "saescope", *args, "--out", str(tmp_path / "one")],
+                         check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0, one.stdout + one.stderr
+    index = verify_store(tmp_path / "two")
+    assert index.settings["ranks"] == 2 and index.rows == StoreIndex.load(tmp_path / "one").rows
+    a = _by_token(read_store_with_safetensors(tmp_path / "one"))
+    b = _by_token(read_store_with_safetensors(tmp_path / "two"))
+    assert torch.equal(a["token_ids"], b["token_ids"])
+    torch.testing.assert_close(b["resid_post/layer_1"], a["resid_post/layer_1"], rtol=1e-5, atol=1e-5)
