@@ -157,6 +157,8 @@ def train(
     log_every: int | None = typer.Option(None, help="steps between log lines"),
     seed: int | None = typer.Option(None, help="seed for initialisation and data order"),
     device: str | None = typer.Option(None, help="cpu, cuda, ..."),
+    latent_shards: int | None = typer.Option(None, help="under torchrun: ranks that split each SAE's latents "
+                                             "(1: data parallel only; the world size: latent sharding only)"),
     model: str | None = typer.Option(None, help="model name stored in each SAE's config"),
     dense: bool = typer.Option(False, "--dense", help="use the plain dense step instead of the fast path"),
     tensorboard: bool = typer.Option(False, help="also log to TensorBoard (out/tensorboard)"),
@@ -169,7 +171,8 @@ def train(
     overrides = {"store": store, "out_dir": out, "total_tokens": total_tokens, "batch_size": batch_size, "lr": lr,
                  "lr_warmup_steps": lr_warmup_steps, "sparsity_warmup_steps": sparsity_warmup_steps,
                  "threshold_parameterization": threshold_parameterization, "checkpoint_every": checkpoint_every,
-                 "log_every": log_every, "seed": seed, "device": device, "model": model}
+                 "log_every": log_every, "seed": seed, "device": device, "model": model,
+                 "latent_shards": latent_shards}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for flag, value in (("fast_path", False if dense else None), ("tensorboard", tensorboard or None),
                         ("wandb", wandb or None)):

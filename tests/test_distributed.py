@@ -248,7 +248,8 @@ def test_store_streams_data_parallel_matches_one_process(tmp_path, store):
     _assert_same({k: v for k, v in a.items() if k.startswith("sae")}, {k: v for k, v in b.items() if k.startswith("sae")})
 
 
-def test_torchrun_cli_then_resume_in_one_process(tmp_path, store):
+@pytest.mark.parametrize("latent_shards", [1, 2], ids=["data-parallel", "latent-sharded"])
+def test_torchrun_cli_then_resume_in_one_process(tmp_path, store, latent_shards):
     """`torchrun --nproc-per-node 2 -m saescope train ...` (gloo), then the same command in one process resumes."""
     out = tmp_path / "run"
     flags = ["train", "--store", str(store), "--out", str(out), "--sites", STORE_SITE, "--width", "32", "--lambda",
@@ -256,12 +257,14 @@ def test_torchrun_cli_then_resume_in_one_process(tmp_path, store):
              "--log-every", "2", "--checkpoint-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "saescope", *flags, "--total-tokens", "400"],
+                          "-m", "saescope", *flags, "--total-tokens", "400", "--latent-shards", str(latent_shards)],
                          check=False, capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     tensors, meta = load_checkpoint(latest_checkpoint(out / "checkpoints"))
-    assert meta["step"] == 4 and meta["world_size"] == 2 and len(meta["loader_ranks"]) == 2
-    assert [s["rank"] for s in distributed_loader_states(meta, tensors)] == [0, 1]
+    data_shards = 2 // latent_shards
+    assert meta["step"] == 4 and meta["world_size"] == 2 and len(meta["loader_ranks"]) == data_shards
+    assert [s["rank"] for s in distributed_loader_states(meta, tensors)] == list(range(data_shards))
+    assert tensors["sae0/param/W_enc"].shape == (16, 32)
     assert (out / "suite" / "training_summary.json").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in rows] == [200, 400]
