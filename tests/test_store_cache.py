@@ -99,6 +99,17 @@ def test_only_the_training_part_of_the_split_is_stored(tmp_path):
     assert StoreIndex.load(tmp_path / "s").settings["held_out_fraction"] == 0.5
 
 
+def test_a_split_that_holds_out_every_document_is_a_clear_error(tmp_path):
+    from saescope.corpus import held_out_score
+
+    lm = tiny_loaded()
+    held = [d for d in DOCS if held_out_score(d.id) < 0.5]
+    assert held
+    with pytest.raises(SaescopeError, match=r"all 1 document\(s\) fall in the held-out part.*--held-out-fraction 0"):
+        cache_activations(lm, held[:1], "resid_post/layer_0", tmp_path / "s", context_len=16, progress=False,
+                          held_out_fraction=0.5)
+
+
 def test_crash_mid_run_then_same_call_resumes_to_the_same_store(tmp_path):
     lm = tiny_loaded()
     kwargs = {"context_len": 16, "batch_size": 2, "shard_rows": 25, "dtype": "bfloat16", "text_name": "to-be",
@@ -230,7 +241,7 @@ def test_cli_cache_end_to_end_on_a_saved_tiny_model(tmp_path):
     (tmp_path / "text.txt").write_text("to be or not to be, that is the question\n" * 4)
     argv = ["cache", str(folder), "--sites", "resid_post/layer_1", "--sites", "mlp_out/layer_2",
             "--text", f"file:{tmp_path / 'text.txt'}", "--out", str(tmp_path / "s"), "--context-len", "16",
-            "--shard-rows", "30", "--dtype", "bfloat16"]
+            "--shard-rows", "30", "--dtype", "bfloat16", "--held-out-fraction", "0"]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     index = StoreIndex.load(tmp_path / "s")

@@ -77,7 +77,14 @@ def cache_activations(
         documents = documents_from_spec(documents)
     if not 0.0 <= held_out_fraction < 1.0:
         raise SaescopeError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
-    documents = split_documents(documents, held_out_fraction, part="train")
+    counts = {"all": 0, "train": 0}
+
+    def counted(docs, key):
+        for document in docs:
+            counts[key] += 1
+            yield document
+
+    documents = counted(split_documents(counted(documents, "all"), held_out_fraction, part="train"), "train")
     if isinstance(sites, (str, Site)):
         sites = [sites]
     try:
@@ -127,6 +134,11 @@ def cache_activations(
             _forward_and_store(model, batch, parsed, writer, bar, read_sites)
     finally:
         bar.close()
+    if writer.rows == 0 and counts["all"] > 0 and counts["train"] == 0:
+        raise SaescopeError(
+            f"all {counts['all']} document(s) fall in the held-out part of the by-document split "
+            f"(held_out_fraction={held_out_fraction}), so nothing is left to cache; give more documents, or "
+            "pass held_out_fraction=0 (--held-out-fraction 0) to cache them all and evaluate on other text")
     return writer.close()
 
 
