@@ -28,6 +28,22 @@ def _sae(site: str, norm_scale: float = 0.5):
     return sae
 
 
+def greedy_with_hook(model, tokenizer, module, hook, n_tokens):
+    """Independent reference: greedy decoding with no KV cache and a forward hook on ``module``."""
+    handle = module.register_forward_hook(hook)
+    try:
+        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+        out = []
+        with torch.no_grad():
+            for _ in range(n_tokens):
+                token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+                out.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    finally:
+        handle.remove()
+    return out
+
+
 def test_steering_raises_the_latent_at_the_steered_positions(tiny):
     tokenizer, model = tiny
     sae = _sae("resid_post/layer_0")
@@ -55,18 +71,9 @@ def test_generation_matches_an_uncached_reference_loop(tiny):
     i, alpha = 4, 5.0
     got = steer(model, tokenizer, sae, i, PROMPT, SteerSettings(coefficient=alpha, max_new_tokens=5)).steered_ids
     vec = steering_vector(sae, i)
-    handle = model.model.layers[0].register_forward_hook(lambda m, a, out: (out[0] + alpha * vec, *out[1:])
-                                                         if isinstance(out, tuple) else out + alpha * vec)
-    try:
-        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-        want = []
-        with torch.no_grad():
-            for _ in range(5):
-                token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
-                want.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    finally:
-        handle.remove()
+    want = greedy_with_hook(model, tokenizer, model.model.layers[0],
+                            lambda m, a, out: (out[0] + alpha * vec, *out[1:]) if isinstance(out, tuple)
+                            else out + alpha * vec, 5)
     assert got.tolist() == want
 
 
@@ -115,17 +122,7 @@ def test_transcoder_steers_where_its_decoder_writes(tiny):
     i, alpha = 2, 30.0
     got = steer(model, tokenizer, sae, i, PROMPT, SteerSettings(coefficient=alpha, max_new_tokens=4)).steered_ids
     vec = steering_vector(sae, i)
-    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out + alpha * vec)
-    try:
-        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-        want = []
-        with torch.no_grad():
-            for _ in range(4):
-                token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
-                want.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    finally:
-        handle.remove()
+    want = greedy_with_hook(model, tokenizer, model.model.layers[0].mlp, lambda m, a, out: out + alpha * vec, 4)
     assert got.tolist() == want
     plain = steer(model, tokenizer, sae, i, PROMPT, SteerSettings(coefficient=0.0, max_new_tokens=4)).steered_ids
     assert got.tolist() != plain.tolist()

@@ -36,6 +36,16 @@ from saescope.sae.ste import heaviside, jumprelu
 DEFAULT_THRESHOLD = 0.001  # recipe §2: initial θ
 
 
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (or randomly when None), for reproducible initialisation."""
+    generator = torch.Generator(device="cpu")
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for a config dtype name (``"float32"`` → ``torch.float32``)."""
     return {"float32": torch.float32, "float64": torch.float64,
@@ -110,11 +120,7 @@ class JumpReLUSAE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         """Recipe §2: ``W_dec`` He-uniform, rows to unit norm, ``W_enc = W_decᵀ``, zero biases, θ = 0.001."""
-        generator = torch.Generator(device="cpu")
-        if seed is not None:
-            generator.manual_seed(seed)
-        else:
-            generator.seed()
+        generator = seeded_generator(seed)
         d_sae, d_in = self.W_dec.shape
         # He-uniform for the decoder as a map from d_sae latents: bound sqrt(6 / fan_in), fan_in = d_sae.
         # (The bound only sets a scale, which the unit-norm step removes; the direction is what matters.)

@@ -29,7 +29,7 @@ from torch import nn
 
 from saescope.config import SAEConfig
 from saescope.errors import SaescopeError
-from saescope.sae.jumprelu import DEFAULT_THRESHOLD, JumpReLUSAE
+from saescope.sae.jumprelu import DEFAULT_THRESHOLD, JumpReLUSAE, seeded_generator
 from saescope.sae.ste import heaviside, jumprelu
 
 
@@ -78,11 +78,7 @@ class JumpReLUTranscoder(JumpReLUSAE):
             self.W_dec = nn.Parameter(torch.empty(self.W_dec.shape[0], d_out, dtype=self.W_dec.dtype,
                                                   device=self.W_dec.device))
             self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=self.b_dec.dtype, device=self.b_dec.device))
-        generator = torch.Generator(device="cpu")
-        if seed is not None:
-            generator.manual_seed(seed)
-        else:
-            generator.seed()
+        generator = seeded_generator(seed)
         d_in, d_sae = self.W_enc.shape
         w_dec = torch.rand(d_sae, d_out, generator=generator, dtype=torch.float64) * 2 - 1
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
