@@ -19,27 +19,94 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from saescope.config import Site
 from saescope.errors import SaescopeError
 from saescope.formats.gemma_scope import width_name as width_label  # one labelling rule for every layout
+from saescope.sae.losses import check_prefixes
+
+DEFAULT_TARGET_L0_LAMBDA = 1.0
+"""λ of the target-L0 penalty when a spec gives ``target_l0`` without ``sparsity_coefficient``, per unit of the
+mean squared norm of the normalized target (the trainer multiplies it by ``E‖t‖²`` on the first batch: ≈ 1 for an
+SAE, whose input is normalized to ``E‖x‖² = 1``, and ≈ 2,500 for a Gemma 3 transcoder, whose ``mlp_out`` target
+is divided by the input's C). Chosen by measurement on Gemma 3 270M ``resid_post/layer_6``
+(``/tmp/s9/train/lambda_sweep.py``; see the report of issue 9): larger values hold L0 nearer the target."""
+
+MATRYOSHKA_DEFAULT_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
+"""Default Matryoshka prefixes as fractions of the width (a doubling ladder, equal weights). The Gemma Scope 2
+report's exact prefix sizes were not available offline; this ladder is our documented choice."""
+
+
+def default_matryoshka_prefixes(width: int) -> list[int]:
+    """Doubling prefixes ``width/16, width/8, width/4, width/2, width`` (duplicates and zeros dropped)."""
+    out: list[int] = []
+    for fraction in MATRYOSHKA_DEFAULT_FRACTIONS:
+        size = max(1, round(width * fraction))
+        if not out or size > out[-1]:
+            out.append(size)
+    return out
 
 
 class SAESpec(BaseModel):
-    """One SAE to train: a site, a width (number of latents) and a sparsity coefficient λ.
+    """One SAE to train: a site, a width (number of latents) and its sparsity penalty.
+
+    The penalty is ``λ·L0`` (Gemma Scope, ``sparsity_coefficient`` = λ) or, with ``target_l0`` set, Gemma Scope
+    2's quadratic penalty ``λ·(2/L0_target)(L0 − L0_target)²`` per token (recipe §6); there λ may be left out
+    (:data:`DEFAULT_TARGET_L0_LAMBDA` × the target's mean squared norm). ``matryoshka_prefixes`` (SAEs only;
+    ``"default"`` for :func:`default_matryoshka_prefixes`) sums the reconstruction loss over nested latent
+    prefixes, weighted by ``matryoshka_weights`` (default all 1).
 
     ``kind="transcoder"`` (Gemma Scope App. B) reads ``site`` (must be ``mlp_in``) and predicts
-    ``target_site`` (default: ``mlp_out`` at the same layer).
+    ``target_site`` (default: ``mlp_out`` at the same layer); ``skip=True`` adds Gemma Scope 2's affine skip
+    connection ``W_skip x`` (zero at initialisation, trained with the rest).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     site: str = Field(description="site id, e.g. resid_post/layer_6 (or resid_post:6)")
     width: int = Field(gt=0, description="number of latents d_sae")
-    sparsity_coefficient: float = Field(ge=0, description="λ, the coefficient of the L0 penalty")
+    sparsity_coefficient: float | None = Field(
+        None, ge=0, description="λ, the coefficient of the L0 penalty (of the quadratic penalty with target_l0, "
+        "where it may be left out)")
     kind: Literal["sae", "transcoder"] = "sae"
     target_site: str | None = Field(None, description="transcoders only: the site to predict")
+    target_l0: float | None = Field(None, gt=0, description="Gemma Scope 2: train toward this L0 with the "
+                                    "quadratic penalty instead of λ·L0")
+    matryoshka_prefixes: list[int] | None = Field(None, description="SAEs only: nested prefix sizes of the "
+                                                  "latents (strictly increasing, last = width), or 'default'")
+    matryoshka_weights: list[float] | None = Field(None, description="one weight per Matryoshka prefix (default 1)")
+    skip: bool = Field(False, description="transcoders only: an affine skip connection W_skip x (Gemma Scope 2)")
 
     @field_validator("site", "target_site")
     @classmethod
     def _site_id(cls, value: str | None) -> str | None:
         return None if value is None else Site.parse(value).id
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_prefixes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("matryoshka_prefixes") == "default":
+            width = data.get("width")
+            if not isinstance(width, int) or width <= 0:
+                raise ValueError("matryoshka_prefixes = 'default' needs a positive integer width")
+            data = {**data, "matryoshka_prefixes": default_matryoshka_prefixes(width)}
+        return data
+
+    @model_validator(mode="after")
+    def _penalty_and_options(self) -> SAESpec:
+        if self.sparsity_coefficient is None and self.target_l0 is None:
+            raise ValueError(f"{self.site} width {self.width}: give sparsity_coefficient (λ) or target_l0")
+        if self.target_l0 is not None and self.target_l0 > self.width:
+            raise ValueError(f"target_l0={self.target_l0:g} is more latents than the width {self.width}")
+        if self.matryoshka_weights is not None and self.matryoshka_prefixes is None:
+            raise ValueError("matryoshka_weights needs matryoshka_prefixes (or matryoshka_prefixes = 'default')")
+        if self.matryoshka_prefixes is not None:
+            if self.kind != "sae":
+                raise ValueError("Matryoshka prefixes are for SAEs; drop matryoshka_prefixes from the transcoder")
+            sizes, weights = check_prefixes(self.matryoshka_prefixes, self.matryoshka_weights, self.width)
+            object.__setattr__(self, "matryoshka_prefixes", sizes)
+            if self.matryoshka_weights is not None:
+                object.__setattr__(self, "matryoshka_weights", weights)
+        if self.skip and self.kind != "transcoder":
+            raise ValueError(f"skip (an affine skip connection) is for transcoders; the SAE on {self.site} cannot "
+                             "have one: drop skip or set kind = 'transcoder' on an mlp_in site")
+        return self
 
     @model_validator(mode="after")
     def _transcoder_sites(self) -> SAESpec:
@@ -58,14 +125,44 @@ class SAESpec(BaseModel):
 
     @property
     def name(self) -> str:
-        """A unique, file-name-safe key: ``resid_post/layer_6/width_16k/lambda_0.001``."""
-        prefix = "transcoder/" if self.kind == "transcoder" else ""
-        return f"{prefix}{self.site}/width_{width_label(self.width)}/lambda_{self.sparsity_coefficient:g}"
+        """A unique, file-name-safe key: ``resid_post/layer_6/width_16k/lambda_0.001``;
+        ``.../target_l0_60`` (``target_l0_60_lambda_0.5`` with an explicit λ), ``_matryoshka`` (default
+        prefixes and weights) or ``_matryoshka_<hash>`` appended, ``transcoder_skip/`` for skip transcoders."""
+        prefix = ("transcoder_skip/" if self.skip else "transcoder/") if self.kind == "transcoder" else ""
+        if self.target_l0 is None:
+            penalty = f"lambda_{self.sparsity_coefficient:g}"
+        else:
+            penalty = f"target_l0_{self.target_l0:g}"
+            if self.sparsity_coefficient is not None:
+                penalty += f"_lambda_{self.sparsity_coefficient:g}"
+        if self.matryoshka_prefixes is not None:
+            default = (self.matryoshka_prefixes == default_matryoshka_prefixes(self.width)
+                       and (self.matryoshka_weights is None or set(self.matryoshka_weights) == {1.0}))
+            if default:
+                penalty += "_matryoshka"
+            else:
+                key = json.dumps([self.matryoshka_prefixes, self.matryoshka_weights])
+                penalty += "_matryoshka_" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        return f"{prefix}{self.site}/width_{width_label(self.width)}/{penalty}"
 
     @property
     def sites(self) -> tuple[str, ...]:
         """Every site this SAE reads from a batch."""
         return (self.site,) if self.target_site is None else (self.site, self.target_site)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The spec as JSON data, without the Gemma Scope 2 options left at their defaults (so checkpoints made
+        before those options existed keep their fingerprint)."""
+        data = self.model_dump(mode="json")
+        for key, default in NEW_SPEC_DEFAULTS.items():
+            if data.get(key) == default:
+                data.pop(key, None)
+        return data
+
+
+NEW_SPEC_DEFAULTS: dict[str, Any] = {"target_l0": None, "matryoshka_prefixes": None, "matryoshka_weights": None,
+                                     "skip": False}
+"""Spec fields added for Gemma Scope 2, with the defaults that leave the fingerprint as before."""
 
 
 class TrainConfig(BaseModel):
@@ -123,7 +220,8 @@ class TrainConfig(BaseModel):
         names = [spec.name for spec in self.saes]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"the same SAE is listed twice: {duplicates}; give each a different width or λ")
+            raise ValueError(f"the same SAE is listed twice: {duplicates}; give each a different width, λ or "
+                             "target_l0")
         if self.total_tokens < self.batch_size:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one batch of {self.batch_size}")
         return self
@@ -148,6 +246,7 @@ class TrainConfig(BaseModel):
         Length, logging, checkpoint frequency and output options may change between resumes.
         """
         payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
+        payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ construction helpers
@@ -191,6 +290,8 @@ RESUMABLE_CHANGES = ("total_tokens", "checkpoint_every", "log_every", "tensorboa
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

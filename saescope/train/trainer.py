@@ -6,7 +6,9 @@ SAE in the config takes one optimizer step on it:
 1. normalize: ``x = x_raw / C`` (``C`` the store's norm scale for the site, App. A; for a transcoder the
    input's ``C`` divides both input and target, App. B);
 2. loss and gradients with the sparse fast path (:mod:`saescope.train.fast_path`) or the dense autograd
-   reference, with ``λ(t)`` from the linear warm-up;
+   reference, with ``λ(t)`` from the linear warm-up; the Gemma Scope 2 options of each :class:`SAESpec`
+   (``target_l0``: the quadratic penalty around a target L0; Matryoshka prefixes; a transcoder's affine skip
+   ``W_skip``, trained by Adam like the rest and untouched by the decoder-norm constraint) go to both steps;
 3. remove the component of each ``W_dec`` row's gradient parallel to the row (:mod:`decoder_norm`);
 4. Adam (β1 = 0, β2 = 0.999, ε = 1e-8) at ``lr(t)`` (cosine warm-up); ``θ`` trained as ``log θ`` by default;
 5. renormalize ``W_dec`` rows to unit norm.
@@ -38,7 +40,14 @@ from saescope.errors import SaescopeError
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import checkpoint as ckpt
-from saescope.train.config import RESUMABLE_CHANGES, SAESpec, TrainConfig, width_label
+from saescope.train.config import (
+    DEFAULT_TARGET_L0_LAMBDA,
+    NEW_SPEC_DEFAULTS,
+    RESUMABLE_CHANGES,
+    SAESpec,
+    TrainConfig,
+    width_label,
+)
 from saescope.train.decoder_norm import normalize_rows, project_out_parallel_gradient
 from saescope.train.fast_path import dense_training_step, sparse_training_step
 from saescope.train.optim import Adam
@@ -65,6 +74,8 @@ class _Unit:
         common = {"dtype": config.dtype, "device": config.device, "bandwidth": config.bandwidth,
                       "seed": spec_seed(config.seed, spec), "model": config.model, "site": site.kind, "layer": site.layer}
         if spec.kind == "transcoder":
+            if spec.skip:
+                common["skip"] = True
             self.module: JumpReLUSAE = JumpReLUTranscoder(d_in, spec.width, norm_scale, d_out=d_out, **common)
         else:
             self.module = JumpReLUSAE(d_in, spec.width, norm_scale, **common)
@@ -74,6 +85,12 @@ class _Unit:
         # latent sharding: keep only this rank's latents (every rank drew the same full initialisation)
         self.latents = (parallel.latent_slice(spec.width) if parallel is not None and parallel.latent_shards > 1
                         else None)
+        if self.latents is not None and (spec.target_l0 is not None or spec.matryoshka_prefixes is not None
+                                         or spec.skip):
+            raise SaescopeError(f"{spec.name}: target_l0, Matryoshka prefixes and skip transcoders are not "
+                                "supported with latent_shards > 1; train it with latent_shards = 1 (data parallel)")
+        # λ: the spec's, or (target_l0 without λ) DEFAULT_TARGET_L0_LAMBDA × E‖t‖², set from the first batch
+        self.lambda_base: float | None = spec.sparsity_coefficient
         if self.latents is not None:
             self._set_latent_parameters({name: t[:, self.latents] if name == "W_enc" else
                                          t if name == "b_dec" else t[self.latents]
@@ -89,6 +106,8 @@ class _Unit:
                               if config.threshold_parameterization == "log" else None)
         params = {"W_enc": self.W_enc_t, "b_enc": m.b_enc.data, "W_dec": m.W_dec.data, "b_dec": m.b_dec.data,
                   "threshold": self.log_threshold if self.log_threshold is not None else m.threshold.data}
+        if self.W_skip is not None:       # skip transcoder: W_skip [d_in, d_out] trained with the rest
+            params["W_skip"] = self.W_skip.data
         self.adam = Adam(params, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps)
         self.tokens_since_fired = torch.zeros(m.W_dec.shape[0], dtype=torch.int64)
         self.window: dict[str, float] = {"steps": 0, "loss": 0.0, "reconstruction": 0.0, "l0": 0.0,
@@ -96,10 +115,30 @@ class _Unit:
         self.last: dict[str, float] = {}
         self.last_logged: dict[str, float] = {}
 
+    @property
+    def W_skip(self) -> torch.Tensor | None:
+        """The skip transcoder's ``W_skip`` parameter (None for an SAE or a plain transcoder)."""
+        return getattr(self.module, "W_skip", None)
+
+    def options(self) -> dict[str, Any]:
+        """The Gemma Scope 2 loss options of this SAE, as keyword arguments of both training steps (only the set
+        ones, so a plain SAE calls the steps exactly as before)."""
+        spec, out = self.spec, {}
+        if spec.target_l0 is not None:
+            out["target_l0"] = spec.target_l0
+        if spec.matryoshka_prefixes is not None:
+            out["matryoshka_prefixes"] = spec.matryoshka_prefixes
+            if spec.matryoshka_weights is not None:
+                out["matryoshka_weights"] = spec.matryoshka_weights
+        return out
+
     # ------------------------------------------------------------------ one step
     def step(self, batch: dict[str, torch.Tensor], step: int, config: TrainConfig, lr: float) -> None:
         spec, m = self.spec, self.module
-        lam = sparsity_coefficient(step, spec.sparsity_coefficient, config.sparsity_warmup_steps)
+        if self.lambda_base is None:
+            raise SaescopeError(f"{spec.name}: λ was not set from the first batch (internal error)")
+        lam = sparsity_coefficient(step, self.lambda_base, config.sparsity_warmup_steps)
+        options = self.options()
         x_raw = batch[spec.site].to(config.device)
         target_raw = batch[spec.target_site].to(config.device) if spec.target_site else None
         par = self.parallel
@@ -108,14 +147,16 @@ class _Unit:
         elif config.fast_path and self.density <= config.fast_path_max_density:
             x = m.normalize(x_raw)
             target = m.normalize_target(target_raw) if target_raw is not None else None
+            if self.W_skip is not None:
+                options["W_skip"] = self.W_skip.detach()
             result = sparse_training_step(m.W_enc.detach(), m.b_enc.detach(), m.W_dec.detach(),
                                           m.b_dec.detach(), m.threshold.detach(), x, target, lam,
-                                          m.config.bandwidth, m.config.apply_b_dec_to_input)
+                                          m.config.bandwidth, m.config.apply_b_dec_to_input, **options)
         else:
             for p in m.parameters():
                 p.requires_grad_(True)
             try:
-                result = dense_training_step(m, x_raw, lam, target_raw)
+                result = dense_training_step(m, x_raw, lam, target_raw, **options)
             finally:
                 for p in m.parameters():
                     p.requires_grad_(False)
@@ -142,7 +183,9 @@ class _Unit:
         w["steps"] += 1
         w["tokens"] += batch_tokens
         w["loss"] += result.loss
-        w["reconstruction"] += result.reconstruction * batch_tokens
+        # FVU and MSE from the whole dictionary's error (with Matryoshka, `reconstruction` is the prefix sum)
+        full = getattr(result, "full_reconstruction", None)
+        w["reconstruction"] += (result.reconstruction if full is None else full) * batch_tokens
         w["l0"] += result.l0 * batch_tokens
         w["variance"] += result.total_variance
         self.last = {"lambda": lam, "lr": lr}
@@ -183,7 +226,8 @@ class _Unit:
         """Replace the module's parameters by ``params`` (a slice of the latents, or all of them)."""
         m = self.module
         for name, t in params.items():
-            getattr(m, name).data = t.clone()
+            if name != "W_skip":          # W_skip has no latent axis: every shard keeps all of it
+                getattr(m, name).data = t.clone()
         m.config = m.config.model_copy(update={"d_sae": int(params["W_dec"].shape[0])})
 
     @torch.no_grad()
@@ -287,6 +331,7 @@ class Trainer:
             "norm_scales": self.norm_scales, "saes": [u.spec.name for u in self.units],
             "windows": [u.window for u in self.units], "last": [u.last for u in self.units],
             "last_logged": [u.last_logged for u in self.units], "density": [u.density for u in self.units],
+            "lambda_base": [u.lambda_base for u in self.units],
         }
 
     def save_checkpoint(self) -> Path:
@@ -328,6 +373,14 @@ class Trainer:
             current = self.config.model_dump(mode="json")
             diffs = sorted(k for k in set(saved) | set(current)
                            if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES)
+            if "saes" in diffs:           # say which SAE setting changed (e.g. target_l0, skip, λ)
+                diffs.remove("saes")
+                old_saes, new_saes = saved.get("saes") or [], current.get("saes") or []
+                for i, (a, b) in enumerate(zip(old_saes, new_saes)):
+                    diffs += [f"saes[{i}].{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                              if a.get(k, NEW_SPEC_DEFAULTS.get(k)) != b.get(k, NEW_SPEC_DEFAULTS.get(k))]
+                if len(old_saes) != len(new_saes):
+                    diffs.append(f"the number of SAEs: {len(old_saes)} → {len(new_saes)}")
             raise ckpt.CheckpointError(
                 f"the checkpoint in {path} was made with a different config (differs in: {', '.join(diffs)}); "
                 f"use a new out_dir, or delete {self.checkpoint_dir} to start over")
@@ -348,6 +401,12 @@ class Trainer:
             unit.last = dict(meta["last"][i])
             unit.last_logged = dict(meta["last_logged"][i])
             unit.density = float(meta["density"][i])
+            saved_lambda = (meta.get("lambda_base") or [None] * len(self.units))[i]
+            if saved_lambda is not None:
+                unit.lambda_base = float(saved_lambda)
+            elif unit.lambda_base is None:
+                raise ckpt.CheckpointError(f"the checkpoint in {path} does not record λ of {unit.spec.name}; "
+                                           "use a new out_dir")
         self.step = int(meta["step"])
         self.tokens_seen = int(meta["tokens_seen"])
         ckpt.restore_rng(meta["rng"], tensors)
@@ -487,7 +546,8 @@ class Trainer:
         if not resumed:
             if self.parallel is None or self.parallel.is_main:
                 (self.out_dir / "config.toml").write_text(config.to_toml())
-            if config.initial_threshold_quantile is not None or config.initial_b_dec != "zeros":
+            if (config.initial_threshold_quantile is not None or config.initial_b_dec != "zeros"
+                    or any(unit.lambda_base is None for unit in self.units)):
                 self._init_from_first_batch()
         total = config.total_steps
         self._open_loggers()
@@ -543,7 +603,9 @@ class Trainer:
     def _init_from_first_batch(self) -> None:
         """Short-budget initialisation from the first batch (which is then trained on): ``b_dec`` ← mean of the
         normalized target (``initial_b_dec="mean"``), then θ_i ← max(initial_threshold, q-quantile of z_i)
-        (``initial_threshold_quantile=q``)."""
+        (``initial_threshold_quantile=q``). A ``target_l0`` SAE without λ gets
+        ``λ = DEFAULT_TARGET_L0_LAMBDA · mean_b ‖t_b‖²`` (t the normalized target: ≈ 1 for an SAE, ≈ 2,500 for a
+        Gemma 3 transcoder), so the penalty keeps the same weight against the reconstruction error."""
         batch = self._pending_batch if self._pending_batch is not None else self._pull_pending()
         par = self.parallel
         if par is not None and par.data_shards > 1:   # the global first batch, as one process would see it
@@ -552,6 +614,10 @@ class Trainer:
         for unit in self.units:
             m = unit.module
             x_raw = batch[unit.spec.site].to(self.config.device)
+            if unit.lambda_base is None:
+                target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
+                          if unit.spec.target_site else m.normalize(x_raw))
+                unit.lambda_base = DEFAULT_TARGET_L0_LAMBDA * float(target.to(torch.float64).pow(2).sum(dim=1).mean())
             if self.config.initial_b_dec == "mean":
                 target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
                           if unit.spec.target_site else m.normalize(x_raw))
@@ -588,7 +654,7 @@ class Trainer:
             training = {
                 "tokens_seen": self.tokens_seen, "steps": self.step, "final_l0": stats["l0"],
                 "fvu": stats["fvu"], "mse": stats["mse"], "dead_fraction": stats["dead_fraction"],
-                "sparsity_coefficient": spec.sparsity_coefficient, "lr": self.config.lr,
+                "sparsity_coefficient": unit.lambda_base, "lr": self.config.lr,
                 "batch_size": self.config.batch_size, "norm_scale": unit.module.norm_scale,
                 "threshold_parameterization": self.config.threshold_parameterization,
                 "kind": spec.kind, "input_site": spec.site, "saescope_version": __version__,
@@ -596,6 +662,13 @@ class Trainer:
             }
             if spec.target_site:
                 training["target_site"] = spec.target_site
+            if spec.target_l0 is not None:
+                training["target_l0"] = spec.target_l0
+            if spec.matryoshka_prefixes is not None:
+                training["matryoshka_prefixes"] = list(spec.matryoshka_prefixes)
+                training["matryoshka_weights"] = list(spec.matryoshka_weights or [1.0] * len(spec.matryoshka_prefixes))
+            if spec.kind == "transcoder":
+                training["skip"] = spec.skip
             unit.module.config = unit.module.config.model_copy(update={"training": training})
             standardized = unit.module.standardize()
             if spec.kind == "transcoder":
