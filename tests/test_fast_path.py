@@ -110,3 +110,185 @@ def test_sparse_step_with_no_active_latents():
     assert fast.loss == pytest.approx(dense.loss, rel=1e-12)
     for name in PARAMS:
         torch.testing.assert_close(fast.grads[name], dense.grads[name], rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------- Gemma Scope 2 loss options
+
+
+def _fast(module, x_raw, lam, bandwidth, target_raw=None, **options):
+    x = module.normalize(x_raw)
+    target = module.normalize_target(target_raw) if target_raw is not None else None
+    return sparse_training_step(*(getattr(module, n).detach() for n in PARAMS), x, target, lam, bandwidth,
+                                module.config.apply_b_dec_to_input, **options)
+
+
+def _assert_same(fast, dense, rtol, atol, names=PARAMS):
+    assert fast.loss == pytest.approx(dense.loss, rel=rtol)
+    assert fast.reconstruction == pytest.approx(dense.reconstruction, rel=rtol)
+    assert fast.full_reconstruction == pytest.approx(dense.full_reconstruction, rel=rtol)
+    assert fast.l0 == pytest.approx(dense.l0, rel=1e-12)
+    assert torch.equal(fast.fired, dense.fired)
+    for name in names:
+        assert dense.grads[name].abs().max() > 0, name
+        torch.testing.assert_close(fast.grads[name], dense.grads[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _spread_sae(dtype, apply_b_dec, bandwidth=0.05, d_in=24, d_sae=96, batch=300):
+    sae = JumpReLUSAE(d_in, d_sae, norm_scale=3.0, dtype=dtype, seed=3, bandwidth=bandwidth,
+                      apply_b_dec_to_input=apply_b_dec)
+    x_raw = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(4), dtype=dtype) * 3
+    _spread(sae, x_raw, bandwidth, seed=5)
+    pairs = _pairs(sae, x_raw, bandwidth)
+    assert min(pairs.values()) >= 20, pairs
+    return sae, x_raw
+
+
+def _token_l0(module, x_raw):
+    z = module.pre_activations(x_raw).detach().to(torch.float64)
+    return (z > module.threshold.detach().to(torch.float64)).sum(dim=1).to(torch.float64)
+
+
+TOLERANCES = [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-4, 2e-5)]
+
+
+@pytest.mark.parametrize(("dtype", "rtol", "atol"), TOLERANCES)
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_sparse_step_equals_dense_with_target_l0(dtype, rtol, atol, apply_b_dec):
+    sae, x_raw = _spread_sae(dtype, apply_b_dec)
+    l0 = _token_l0(sae, x_raw)
+    target_l0 = float(l0.median()) + 0.5
+    assert (l0 > target_l0).sum() >= 20 and (l0 < target_l0).sum() >= 20    # tokens on both sides
+    lam = 0.37
+    dense = dense_training_step(sae, x_raw, lam, target_l0=target_l0)
+    fast = _fast(sae, x_raw, lam, 0.05, target_l0=target_l0)
+    _assert_same(fast, dense, rtol, atol)
+    plain = _fast(sae, x_raw, lam, 0.05)
+    assert abs(plain.loss - fast.loss) > 1e-3                        # the option changed the loss
+
+
+@pytest.mark.parametrize(("dtype", "rtol", "atol"), TOLERANCES)
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("target_l0", [None, 30.0])
+def test_sparse_step_equals_dense_with_matryoshka(dtype, rtol, atol, apply_b_dec, target_l0):
+    sae, x_raw = _spread_sae(dtype, apply_b_dec)
+    prefixes, weights = [17, 50, 96], [0.5, 1.7, 1.1]
+    for lo, hi in zip([0, *prefixes], prefixes):     # every block has pairs above, below and in the window
+        sub = _pairs_in(sae, x_raw, 0.05, lo, hi)
+        assert min(sub.values()) >= 3, (lo, hi, sub)
+    lam = 0.21
+    dense = dense_training_step(sae, x_raw, lam, target_l0=target_l0, matryoshka_prefixes=prefixes,
+                                matryoshka_weights=weights)
+    fast = _fast(sae, x_raw, lam, 0.05, target_l0=target_l0, matryoshka_prefixes=prefixes,
+                 matryoshka_weights=weights)
+    _assert_same(fast, dense, rtol, atol)
+    assert fast.reconstruction > 1.5 * fast.full_reconstruction       # the prefix sum is not the full error
+
+
+def _pairs_in(module, x_raw, bandwidth, lo, hi):
+    z = module.pre_activations(x_raw).detach()[:, lo:hi]
+    u = (z.to(torch.float64) - module.threshold.detach()[lo:hi].to(torch.float64)) / bandwidth
+    return {"window_above": int(((u > 0) & (u < 0.5)).sum()), "window_below": int(((u <= 0) & (u > -0.5)).sum()),
+            "active": int((u > 0).sum())}
+
+
+def test_matryoshka_with_one_prefix_is_the_plain_step():
+    sae, x_raw = _spread_sae(torch.float64, True)
+    plain = _fast(sae, x_raw, 0.3, 0.05)
+    one = _fast(sae, x_raw, 0.3, 0.05, matryoshka_prefixes=[96], matryoshka_weights=[1.0])
+    assert one.loss == pytest.approx(plain.loss, rel=1e-12)
+    for name in PARAMS:
+        torch.testing.assert_close(one.grads[name], plain.grads[name], rtol=1e-10, atol=1e-12)
+
+
+def _reference_step(params, x, target, lam, eps, apply_b_dec, *, target_l0=None, prefixes=None, weights=None):
+    """An independent dense reference written out here: float64 autograd through the STEs."""
+    from saescope.sae.ste import heaviside, jumprelu
+
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    xc = x - p["b_dec"] if apply_b_dec else x
+    z = xc @ p["W_enc"] + p["b_enc"]
+    f = jumprelu(z, p["threshold"], eps)
+    base = p["b_dec"] + (x @ p["W_skip"] if "W_skip" in p else 0.0)
+    if prefixes is None:
+        reconstruction = (target - (f @ p["W_dec"] + base)).pow(2).sum(dim=1)
+    else:
+        reconstruction = sum(w * (target - (f[:, :m] @ p["W_dec"][:m] + base)).pow(2).sum(dim=1)
+                             for m, w in zip(prefixes, weights))
+    l0 = heaviside(z, p["threshold"], eps).sum(dim=1)
+    penalty = l0 if target_l0 is None else (2.0 / target_l0) * (l0 - target_l0).pow(2)
+    loss = (reconstruction + lam * penalty).mean()
+    loss.backward()
+    return float(loss.detach()), {k: v.grad for k, v in p.items()}
+
+
+@pytest.mark.parametrize("options", [{}, {"target_l0": 25.0},
+                                     {"matryoshka_prefixes": [30, 80], "matryoshka_weights": [2.0, 0.7]}])
+def test_sparse_step_with_skip_connection_equals_reference(options):
+    """Skip transcoder (Gemma Scope 2): x̂ = f W_dec + b_dec + x W_skip, compared with a float64 autograd
+    reference (d_out ≠ d_in, no pre-encoder bias)."""
+    bandwidth = 0.05
+    tc = JumpReLUTranscoder(16, 80, norm_scale=4.0, d_out=12, dtype=torch.float64, seed=6, bandwidth=bandwidth)
+    gen = torch.Generator().manual_seed(7)
+    x_raw = torch.randn(250, 16, generator=gen, dtype=torch.float64) * 4
+    y_raw = torch.randn(250, 12, generator=gen, dtype=torch.float64) * 2
+    _spread(tc, x_raw, bandwidth, seed=8)
+    assert min(_pairs(tc, x_raw, bandwidth).values()) >= 20
+    W_skip = torch.randn(16, 12, generator=gen, dtype=torch.float64) * 0.3
+    x, y = tc.normalize(x_raw), tc.normalize_target(y_raw)
+    params = {n: getattr(tc, n).detach() for n in PARAMS}
+    loss, expected = _reference_step({**params, "W_skip": W_skip}, x, y, 0.2, bandwidth, False,
+                                     target_l0=options.get("target_l0"),
+                                     prefixes=options.get("matryoshka_prefixes"),
+                                     weights=options.get("matryoshka_weights"))
+    fast = sparse_training_step(*params.values(), x, y, 0.2, bandwidth, False, W_skip=W_skip, **options)
+    assert fast.loss == pytest.approx(loss, rel=1e-10)
+    assert set(fast.grads) == {*PARAMS, "W_skip"}
+    for name, grad in expected.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(fast.grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    without = sparse_training_step(*params.values(), x, y, 0.2, bandwidth, False, **options)
+    assert "W_skip" not in without.grads and abs(without.loss - fast.loss) > 1e-3
+
+
+def test_quadratic_threshold_gradient_by_hand():
+    """A float64 case worked out by hand: θ_i's gradient is Σ_b over window pairs of
+    ``g_f,bi·(−θ_i/ε) − (λ/B)(1/ε)·(4/L0_t)(L0_b − L0_t)`` with ``g_f,bi = (2/B)(x̂_b − x_b)·W_dec[i]``."""
+    eps, lam, target_l0, theta = 0.1, 0.7, 2.0, 1.0
+    W_enc = torch.eye(5, 4, dtype=torch.float64)
+    W_dec = torch.tensor([[1.0, 0.5, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.2, 0.0], [0.3, 0.0, 1.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 1.0, 0.4]], dtype=torch.float64)
+    b_enc = torch.zeros(4, dtype=torch.float64)
+    b_dec = torch.zeros(5, dtype=torch.float64)
+    threshold = torch.full((4,), theta, dtype=torch.float64)
+    # token 0: latents 0,1,2 active (1.5, 1.02 in the window above θ, 2.0), latent 3 at 0.97 (window below)
+    #   → L0 = 3 > target; token 1: latent 1 at 0.99 (window below), others far below → L0 = 0 < target
+    x = torch.tensor([[1.5, 1.02, 2.0, 0.97, 0.1], [0.2, 0.99, -1.0, 0.0, 0.3]], dtype=torch.float64)
+    fast = sparse_training_step(W_enc, b_enc, W_dec, b_dec, threshold, x, None, lam, eps, False,
+                                target_l0=target_l0)
+    B = 2
+    f = [[1.5, 1.02, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    l0 = [3, 0]
+    expected_theta = [0.0] * 4
+    loss = 0.0
+    for b in range(B):
+        x_hat = [sum(f[b][i] * float(W_dec[i, d]) for i in range(4)) for d in range(5)]
+        residual = [x_hat[d] - float(x[b, d]) for d in range(5)]
+        loss += (sum(r * r for r in residual) + lam * (2.0 / target_l0) * (l0[b] - target_l0) ** 2) / B
+        for i in range(4):
+            z = float(x[b, i])
+            if abs(z - theta) / eps < 0.5:
+                g_f = sum(2.0 / B * residual[d] * float(W_dec[i, d]) for d in range(5))
+                expected_theta[i] += g_f * (-theta / eps) - lam / B / eps * (4.0 / target_l0) * (l0[b] - target_l0)
+    assert fast.loss == pytest.approx(loss, rel=1e-12)
+    assert fast.l0 == 1.5
+    assert expected_theta[1] != 0 and expected_theta[3] != 0 and expected_theta[0] == 0
+    torch.testing.assert_close(fast.grads["threshold"], torch.tensor(expected_theta, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_bad_loss_options_are_rejected():
+    sae, x_raw = _spread_sae(torch.float64, True)
+    with pytest.raises(ValueError, match="target_l0"):
+        _fast(sae, x_raw, 0.3, 0.05, target_l0=0.0)
+    with pytest.raises(ValueError, match="last matryoshka prefix"):
+        _fast(sae, x_raw, 0.3, 0.05, matryoshka_prefixes=[10, 50])

@@ -14,15 +14,23 @@ So the only full-size work per token is the encoder product ``(x − b_dec) W_en
 the list of (token, latent) pairs that are active or inside the window, found once from ``z``:
 the decoder is a bag-sum of active decoder rows (``embedding_bag``), ``g_f`` is a sampled dense-dense product
 at those pairs only (``torch.sparse.sampled_addmm``), and the weight gradients are bag-sums grouped by latent.
+
+Gemma Scope 2's options (recipe §6) keep that shape: the quadratic target-L0 penalty only rescales the
+sparsity term's θ-gradient per token; Matryoshka prefixes bag the pairs by (token, block of latents)
+instead of by token; a skip transcoder's ``x W_skip`` adds one small ``[B, d_in] × [d_in, d_out]`` product.
+See :func:`sparse_training_step`.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from saescope.sae.losses import check_prefixes
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
@@ -60,11 +68,14 @@ class StepResult:
     """Loss, gradients and batch statistics of one training step (normalized scale)."""
 
     loss: float
-    reconstruction: float          # mean over tokens of ‖t − x̂‖²
+    reconstruction: float          # mean over tokens of ‖t − x̂‖² (the weighted prefix sum for Matryoshka)
     l0: float                      # mean over tokens of the number of active latents
     total_variance: float          # Σ_b ‖t_b − mean(t)‖² (for FVU = Σ reconstruction / total variance)
     fired: torch.Tensor            # bool [d_sae]: latents active on at least one token of the batch
     grads: dict[str, torch.Tensor]
+    # mean over tokens of ‖t − x̂‖² with the whole dictionary (the last Matryoshka prefix): FVU's numerator.
+    # Equal to ``reconstruction`` without Matryoshka; None where a caller built the result without it.
+    full_reconstruction: float | None = None
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -78,11 +89,26 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 def sparse_training_step(
     W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, threshold: torch.Tensor,
     x: torch.Tensor, target: torch.Tensor | None, sparsity_coefficient: float, bandwidth: float,
-    apply_b_dec_to_input: bool = True,
+    apply_b_dec_to_input: bool = True, *, target_l0: float | None = None,
+    matryoshka_prefixes: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
+    W_skip: torch.Tensor | None = None,
 ) -> StepResult:
     """One step's loss and gradients on a normalized batch ``x [B, d_in]`` (target ``None``: reconstruct x).
 
-    Equal, to float rounding, to ``JumpReLUSAE.training_forward(...).loss.backward()`` (tests/test_fast_path.py).
+    Equal, to float rounding, to ``JumpReLUSAE.training_forward(...).loss.backward()`` (tests/test_fast_path.py),
+    including its Gemma Scope 2 options (recipe §6):
+
+    - ``target_l0``: the penalty ``λ·(2/L0_t)(L0_b − L0_t)²`` per token instead of ``λ·L0_b``; the sparsity
+      term's θ-gradient at each window pair is then scaled by the token's ``(4/L0_t)(L0_b − L0_t)``.
+    - ``matryoshka_prefixes`` / ``matryoshka_weights``: the reconstruction ``Σ_k w_k‖t − x̂_k‖²`` over nested
+      prefixes of the latents (:func:`saescope.sae.losses.matryoshka_reconstruction`). The pairs are bagged
+      by (token, block of latents); the partial decoder sums are accumulated over blocks, and a latent of
+      block ``j`` sees the summed residual ``Σ_{k≥j} 2w_k(x̂_k − t)/B``, so no ``[pairs, d_in]`` gather is made.
+      ``reconstruction`` is that weighted sum (as in ``training_forward``); ``full_reconstruction`` — the
+      error of the whole dictionary (the last prefix) — is what FVU is computed from.
+    - ``W_skip [d_in, d_out]`` (skip transcoder, Gemma Scope 2): ``x̂ = f W_dec + b_dec + x W_skip`` with ``x``
+      the normalized input (never minus ``b_dec``); the skip term is in every Matryoshka prefix, like
+      ``b_dec``; ``grads["W_skip"] = xᵀ ∂L/∂x̂``.
     """
     if target is None:
         target = x
@@ -90,6 +116,10 @@ def sparse_training_step(
     d_sae = W_enc.shape[1]
     eps = float(bandwidth)
     lam = float(sparsity_coefficient)
+    if target_l0 is not None:
+        target_l0 = float(target_l0)
+        if not target_l0 > 0:
+            raise ValueError(f"target_l0 must be positive, got {target_l0}")
     xc = x - b_dec if apply_b_dec_to_input else x
 
     # The one dense product, then every (token, latent) pair that may be active or in the window.
@@ -100,7 +130,7 @@ def sparse_training_step(
     # through that are neither active nor in the window get weight 0 below
     lower = (threshold.to(wide) - eps - b_enc.to(wide)).to(xw.dtype)
     mask = torch.gt(xw, lower, out=_workspace((B, d_sae), torch.bool, W_enc.device))
-    flat = _flat_nonzero(mask.view(-1))                     # row-major: sorted by token
+    flat = _flat_nonzero(mask.view(-1))                     # row-major: sorted by token, then latent
     rows = torch.div(flat, d_sae, rounding_mode="floor")
     cols = flat - rows * d_sae
     zv = xw.view(-1)[flat] + b_enc[cols]
@@ -110,25 +140,62 @@ def sparse_training_step(
     window = (u / eps).abs() < 0.5
     f = zv * active                                         # JumpReLU: z·H(z − θ)
 
-    # Decoder: x̂_b = Σ_i f_bi W_dec[i] + b_dec, a weighted bag of decoder rows per token.
-    row_counts = torch.bincount(rows, minlength=B)
-    x_hat = F.embedding_bag(cols, W_dec, _offsets(row_counts), mode="sum", per_sample_weights=f)
-    x_hat += b_dec
-    residual = x_hat.sub_(target)                           # x̂ − t (x_hat is not needed any more)
-    reconstruction = residual.pow(2).sum(dim=1)
-    g_xhat = residual.mul_(2.0 / B)
+    # Bags of pairs: one per token, or one per (token, Matryoshka block) — still sorted, since within a
+    # token the latents are ascending.
+    if matryoshka_prefixes is None:
+        n_blocks, bags, n_bags = 1, rows, B
+    else:
+        sizes, weights = check_prefixes(matryoshka_prefixes, matryoshka_weights, d_sae)
+        n_blocks, n_bags = len(sizes), B * len(sizes)
+        block = torch.bucketize(cols, torch.tensor(sizes[:-1], dtype=cols.dtype, device=cols.device), right=True)
+        bags = rows * n_blocks + block
+    bag_counts = torch.bincount(bags, minlength=n_bags)
 
-    # g_f = g_x̂ W_decᵀ at the candidate pairs only (a CSR pattern: rows are sorted).
-    crow = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(row_counts, dim=0, out=crow[1:])
+    # Decoder: x̂_b = Σ_i f_bi W_dec[i] + b_dec (+ x_b W_skip), a weighted bag of decoder rows per bag.
+    partial = F.embedding_bag(cols, W_dec, _offsets(bag_counts), mode="sum", per_sample_weights=f)
+    if n_blocks == 1:
+        x_hat = partial
+        x_hat += b_dec
+        if W_skip is not None:
+            x_hat.addmm_(x, W_skip)
+        residual = x_hat.sub_(target)                       # x̂ − t (x_hat is not needed any more)
+        reconstruction = residual.pow(2).sum(dim=1)
+        full_reconstruction = reconstruction
+        g_bags = residual.mul_(2.0 / B)                     # ∂L/∂x̂ per token
+        g_xhat = g_bags
+    else:
+        base = b_dec - target                               # what every prefix adds besides its latents
+        if W_skip is not None:
+            base = base.addmm(x, W_skip)
+        residual = partial.view(B, n_blocks, -1).cumsum(dim=1).add_(base.unsqueeze(1))   # x̂_k − t
+        squared = residual.pow(2).sum(dim=2)                # [B, K]
+        w = torch.tensor(weights, dtype=squared.dtype, device=x.device)
+        reconstruction = squared @ w
+        full_reconstruction = squared[:, -1]
+        # block j's latents feed every prefix k ≥ j: a reversed cumulative sum of the weighted residuals
+        g_bags = residual.mul_((2.0 / B) * w.view(1, -1, 1)).flip(1).cumsum(dim=1).flip(1)
+        g_xhat = g_bags[:, 0]                               # Σ_k ∂L/∂x̂_k: reaches b_dec and W_skip
+        g_bags = g_bags.reshape(n_bags, -1)
+
+    # g_f = g_x̂ W_decᵀ at the candidate pairs only (a CSR pattern over the bags: they are sorted).
+    crow = torch.zeros(n_bags + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(bag_counts, dim=0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=W_dec.dtype, device=x.device),
-                                          (B, d_sae), check_invariants=False)
-    g_f = torch.sparse.sampled_addmm(pattern, g_xhat, W_dec.t(), beta=0.0).values()
+                                          (n_bags, d_sae), check_invariants=False)
+    g_f = torch.sparse.sampled_addmm(pattern, g_bags, W_dec.t(), beta=0.0).values()
 
-    # θ: both STE terms, window pairs only.
-    g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - (lam / B) / eps) * window
+    # L0 per token (forward count), then θ: both STE terms, window pairs only.
+    l0_counts = torch.bincount(rows[active], minlength=B)
+    if target_l0 is None:
+        penalty = l0_counts.to(reconstruction.dtype)
+        g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - (lam / B) / eps) * window
+    else:
+        excess = l0_counts.to(torch.float64) - target_l0
+        penalty = ((2.0 / target_l0) * excess.pow(2)).to(reconstruction.dtype)
+        per_token = ((4.0 / target_l0) * excess).to(wide)  # ∂/∂L0_b of (2/L0_t)(L0_b − L0_t)²
+        g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - ((lam / B) / eps) * per_token[rows]) * window
     grad_threshold = torch.zeros(d_sae, dtype=wide, device=x.device).index_add_(0, cols, g_theta_pairs)
 
     # Encoder / decoder weights: bag-sums grouped by latent (weights 0 where the latent did not fire).
@@ -137,44 +204,62 @@ def sparse_training_step(
     order = torch.argsort(cols, stable=True)
     by_latent = _offsets(torch.bincount(cols, minlength=d_sae))
     tokens = rows[order]
-    grad_W_dec = F.embedding_bag(tokens, g_xhat, by_latent, mode="sum", per_sample_weights=f[order])
+    grad_W_dec = F.embedding_bag(bags[order] if n_blocks > 1 else tokens, g_bags, by_latent, mode="sum",
+                                 per_sample_weights=f[order])
     grad_W_enc = F.embedding_bag(tokens, xc, by_latent, mode="sum", per_sample_weights=g_z[order]).t()
     grad_b_dec = g_xhat.sum(dim=0)
     if apply_b_dec_to_input:
         grad_b_dec -= W_enc @ grad_b_enc
+    grads = {"W_enc": grad_W_enc, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
+             "threshold": grad_threshold.to(threshold.dtype)}
+    if W_skip is not None:
+        grads["W_skip"] = x.t() @ g_xhat
 
-    active_rows, active_cols = rows[active], cols[active]
-    l0_counts = torch.bincount(active_rows, minlength=B)
-    loss = (reconstruction + lam * l0_counts.to(reconstruction.dtype)).mean()
+    loss = (reconstruction + lam * penalty).mean()
     centred = target - target.mean(dim=0)
     fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
-    fired[active_cols] = True
+    fired[cols[active]] = True
     return StepResult(
         loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
-        total_variance=float(centred.pow(2).sum()), fired=fired,
-        grads={"W_enc": grad_W_enc, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
-               "threshold": grad_threshold.to(threshold.dtype)},
+        total_variance=float(centred.pow(2).sum()), fired=fired, grads=grads,
+        full_reconstruction=float(full_reconstruction.mean()),
     )
 
 
 def dense_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: float,
-                        target_raw: torch.Tensor | None = None) -> StepResult:
-    """The plain dense step: ``module.training_forward`` and autograd (the reference the fast path matches)."""
+                        target_raw: torch.Tensor | None = None, *, target_l0: float | None = None,
+                        matryoshka_prefixes: Sequence[int] | None = None,
+                        matryoshka_weights: Sequence[float] | None = None) -> StepResult:
+    """The plain dense step: ``module.training_forward`` and autograd (the reference the fast path matches).
+
+    The loss options are passed on only when set, so a module whose ``training_forward`` lacks them still
+    works for the plain loss. Gradients are returned for every parameter the module has (``W_skip`` too).
+    """
+    options: dict = {}
+    if target_l0 is not None:
+        options["target_l0"] = target_l0
+    if matryoshka_prefixes is not None:
+        options["matryoshka_prefixes"] = matryoshka_prefixes
+        options["matryoshka_weights"] = matryoshka_weights
     for p in module.parameters():
         p.grad = None
     if target_raw is None:
-        out = module.training_forward(x_raw, sparsity_coefficient)
+        out = module.training_forward(x_raw, sparsity_coefficient, **options)
         target = out.x
     else:
-        out = module.training_forward(x_raw, target_raw, sparsity_coefficient)
+        out = module.training_forward(x_raw, target_raw, sparsity_coefficient, **options)
         target = out.target
     out.loss.backward()
     with torch.no_grad():
         centred = target - target.mean(dim=0)
         fired = (out.latents != 0).any(dim=0)
-    grads = {name: getattr(module, name).grad for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+        full = (target - out.x_hat).pow(2).sum(dim=-1).mean()
+    names = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]
+    if getattr(module, "W_skip", None) is not None:
+        names.append("W_skip")
+    grads = {name: getattr(module, name).grad for name in names}
     for p in module.parameters():
         p.grad = None
     return StepResult(loss=float(out.loss.detach()), reconstruction=float(out.reconstruction.detach().mean()),
                       l0=float(out.l0.detach().to(torch.float64).mean()), total_variance=float(centred.pow(2).sum()),
-                      fired=fired, grads=grads)
+                      fired=fired, grads=grads, full_reconstruction=float(full))
