@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+ARCHITECTURES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+TRANSCODER_ARCHITECTURES = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
 
 
 class SAEConfig(BaseModel):
@@ -19,13 +21,19 @@ class SAEConfig(BaseModel):
     ``norm_scale`` is the scalar ``C`` of Gemma Scope Appendix A (``x = x_raw / C`` with ``E‖x‖² = 1``).
     ``apply_b_dec_to_input`` is the pre-encoder subtraction of ``b_dec`` (on for SAEs, off for transcoders,
     App. B). A *standardized* SAE (Appendix A, eqs. 7-11) has ``norm_scale == 1`` and no pre-encoder bias.
+
+    ``architecture`` says which module the weights belong to: ``jumprelu`` (an SAE), ``jumprelu_transcoder``
+    (App. B: reads ``d_in``, writes ``d_out``) or ``jumprelu_skip_transcoder`` (Gemma Scope 2: plus an affine
+    skip ``W_skip [d_in, d_out]``). ``d_out`` is None for an SAE (it writes what it reads, ``d_in``). Files
+    written before these keys existed load as ``jumprelu`` with ``d_out`` None.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    architecture: Literal["jumprelu"] = "jumprelu"
+    architecture: Literal["jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"] = "jumprelu"
     d_in: int = Field(gt=0, description="width of the activation the SAE reads")
     d_sae: int = Field(gt=0, description="number of latents")
+    d_out: int | None = Field(None, gt=0, description="width a transcoder writes; None for an SAE (= d_in)")
     norm_scale: float = Field(1.0, description="C: raw activations are divided by C before encoding")
     apply_b_dec_to_input: bool = Field(True, description="subtract b_dec from the input before encoding")
     standardized: bool = Field(False, description="parameters folded for raw activations (Appendix A)")
@@ -43,6 +51,25 @@ class SAEConfig(BaseModel):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"norm_scale must be a positive finite number, got {value!r}")
         return value
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.architecture in TRANSCODER_ARCHITECTURES
+
+    @property
+    def output_width(self) -> int:
+        """The width of what the module writes: ``d_out`` for a transcoder, ``d_in`` for an SAE."""
+        return self.d_in if self.d_out is None else self.d_out
+
+    @model_validator(mode="after")
+    def _architecture_fits(self) -> SAEConfig:
+        if not self.is_transcoder and self.d_out not in (None, self.d_in):
+            raise ValueError(f"an SAE writes what it reads (d_out = d_in = {self.d_in}), got d_out={self.d_out}; "
+                             "set architecture='jumprelu_transcoder' for a transcoder")
+        if self.is_transcoder and self.apply_b_dec_to_input:
+            raise ValueError("a transcoder has no pre-encoder bias (Gemma Scope App. B): set "
+                             "apply_b_dec_to_input to false")
+        return self
 
     @model_validator(mode="after")
     def _standardized_is_raw(self) -> SAEConfig:

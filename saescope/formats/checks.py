@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from saescope.errors import SAEFileError
-from saescope.sae.jumprelu import PARAMETER_NAMES, parameter_shapes
+from saescope.sae.jumprelu import PARAMETER_NAMES
+from saescope.sae.transcoder import SKIP_NAME
 
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -96,6 +97,18 @@ def to_tensor(path: Path, key: str, value: Any) -> torch.Tensor:
     return value
 
 
+def parameter_shapes(d_in: int, d_sae: int, d_out: int | None = None, skip: bool = False
+                     ) -> dict[str, tuple[int, ...]]:
+    """The expected shape of each parameter; a transcoder writes ``d_out`` (``W_dec [d_sae, d_out]``,
+    ``b_dec [d_out]``) and a skip transcoder also holds ``W_skip [d_in, d_out]``."""
+    d_out = d_in if d_out is None else d_out
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,),
+              "threshold": (d_sae,)}
+    if skip:
+        shapes[SKIP_NAME] = (d_in, d_out)
+    return shapes
+
+
 def check_parameters(
     path: Path,
     tensors: Mapping[str, Any],
@@ -103,20 +116,29 @@ def check_parameters(
     *,
     expect_d_in: int | None = None,
     expect_d_sae: int | None = None,
+    expect_d_out: int | None = None,
+    transcoder: bool = False,
+    transposed: Collection[str] = (),
     site: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Check a file's tensors and return them under the paper's names.
 
-    ``names`` maps each paper name (``W_enc`` …) to the key used in the file. Raises
-    :class:`SAEFileError` for a missing key, a wrong shape, a ``d_in`` that differs from what the site
-    needs, a non-float dtype or a non-finite value.
+    ``names`` maps each paper name (``W_enc`` …, and ``W_skip``) to the key used in the file. A file holding
+    the ``W_skip`` key is a skip transcoder; with ``transcoder`` (or ``W_skip``) ``W_dec`` may write another
+    width ``d_out`` (checked against ``expect_d_out`` when given), otherwise it must write ``d_in``.
+    ``transposed`` names parameters the file stores transposed (SAELens keeps ``W_skip`` as
+    ``[d_out, d_in]``); they are returned in saescope's orientation. Raises :class:`SAEFileError` for a
+    missing key, a wrong shape, a ``d_in`` that differs from what the site needs, a non-float dtype or a
+    non-finite value.
     """
-    names = dict(names or {n: n for n in PARAMETER_NAMES})
+    names = {**{n: n for n in PARAMETER_NAMES + (SKIP_NAME,)}, **(names or {})}
     missing = [names[n] for n in PARAMETER_NAMES if names[n] not in tensors]
     if missing:
         raise SAEFileError(path, "missing key" + ("s " if len(missing) > 1 else " ") + ", ".join(missing),
                            key=missing[0], expected=f"keys {[names[n] for n in PARAMETER_NAMES]}")
-    out = {n: to_tensor(path, names[n], tensors[names[n]]) for n in PARAMETER_NAMES}
+    skip = names[SKIP_NAME] in tensors
+    wanted = PARAMETER_NAMES + ((SKIP_NAME,) if skip else ())
+    out = {n: to_tensor(path, names[n], tensors[names[n]]) for n in wanted}
     W_enc = out["W_enc"]
     if W_enc.dim() != 2:
         raise SAEFileError(path, f"has shape {tuple(W_enc.shape)}", key=names["W_enc"],
@@ -129,10 +151,28 @@ def check_parameters(
     if expect_d_sae is not None and d_sae != expect_d_sae:
         raise SAEFileError(path, f"has d_sae {d_sae} but the config says {expect_d_sae}", key=names["W_enc"],
                            expected=f"shape [{d_in}, {expect_d_sae}]")
-    for name, shape in parameter_shapes(d_in, d_sae).items():
+    d_out = d_in
+    if transcoder or skip:
+        W_dec = out["W_dec"]
+        if W_dec.dim() != 2:
+            raise SAEFileError(path, f"has shape {tuple(W_dec.shape)}", key=names["W_dec"],
+                               expected="a 2-d matrix [d_sae, d_out]")
+        d_out = W_dec.shape[1]
+        if expect_d_out is not None and d_out != expect_d_out:
+            raise SAEFileError(path, f"has d_out {d_out} but the config says {expect_d_out}", key=names["W_dec"],
+                               expected=f"shape [{d_sae}, {expect_d_out}]")
+    for name, shape in parameter_shapes(d_in, d_sae, d_out, skip).items():
+        if name in transposed:
+            shape = shape[::-1]
         if tuple(out[name].shape) != shape:
+            widths = f"d_in={d_in}, d_sae={d_sae}" + (f", d_out={d_out}" if transcoder or skip else "")
             raise SAEFileError(path, f"has shape {tuple(out[name].shape)}", key=names[name],
-                               expected=f"shape {list(shape)} for d_in={d_in}, d_sae={d_sae}")
+                               expected=f"shape {list(shape)} for {widths}")
+        if name in transposed:
+            out[name] = out[name].T.contiguous()
+    if skip and out[SKIP_NAME].dtype != out["W_enc"].dtype:
+        raise SAEFileError(path, f"has dtype {out[SKIP_NAME].dtype} but {names['W_enc']} has {out['W_enc'].dtype}",
+                           key=names[SKIP_NAME], expected="the same dtype as the other weights")
     for name, value in out.items():
         if not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())

@@ -3,7 +3,18 @@
 (``architecture: "jump_relu"``, ``model_name``, ``hf_hook_point_in``; ``shared/reference/formats.md``).
 
 Like Gemma Scope 1 the parameters are standardized (Appendix A); saving standardizes first.
-Folders in the release are ``<site>/layer_<L>_width_<W>_l0_<small|medium|big>``.
+Folders in the release are ``<site>/layer_<L>_width_<W>_l0_<small|medium|big>``; transcoders live under
+``transcoder/`` (``transcoder_all/`` in the release), skip transcoders with the suffix ``_affine``.
+
+Transcoders: ``w_dec [d_sae, d_out]``, ``b_dec [d_out]``; a skip transcoder also holds
+``affine_skip_connection [d_in, d_out]`` (our ``W_skip``, same orientation) and says ``affine_connection: true``;
+``hf_hook_point_in`` is ``model.layers.<L>.pre_feedforward_layernorm.output`` and ``hf_hook_point_out``
+``model.layers.<L>.post_feedforward_layernorm.output``. (Key and config names as SAELens 6.54's
+``gemma_3_sae_huggingface_loader`` reads the release: it transposes the skip matrix into its own
+``W_skip [d_out, d_in]``; its folder-name fallback marks ``_affine`` folders as skip transcoders.)
+A file is read as a transcoder when it holds the skip matrix, says ``affine_connection: true``, has an
+output hook point other than its input one, a ``w_dec`` of another width than ``w_enc`` reads, or sits in a
+``transcoder*``/``clt`` site folder.
 """
 
 from __future__ import annotations
@@ -20,11 +31,14 @@ from saescope.config import SAEConfig
 from saescope.errors import SAEFileError
 from saescope.formats.checks import check_parameters, read_json, read_safetensors
 from saescope.formats.gemma_scope import width_name
-from saescope.sae.jumprelu import PARAMETER_NAMES, JumpReLUSAE, dtype_name
+from saescope.formats.modules import module_from_parameters
+from saescope.sae.jumprelu import JumpReLUSAE, dtype_name
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
-KEYS = {"W_enc": "w_enc", "b_enc": "b_enc", "W_dec": "w_dec", "b_dec": "b_dec", "threshold": "threshold"}
+KEYS = {"W_enc": "w_enc", "b_enc": "b_enc", "W_dec": "w_dec", "b_dec": "b_dec", "threshold": "threshold",
+        "W_skip": "affine_skip_connection"}
+TRANSCODER_SITE = "transcoder"
 
 # Hugging Face module paths of the Gemma sites, as Gemma Scope 2's config.json names them
 HF_HOOK_POINTS = {
@@ -35,9 +49,31 @@ HF_HOOK_POINTS = {
 }
 
 
-def release_folder(root: str | Path, site: str, layer: int, d_sae: int, size: str) -> Path:
-    """``<root>/<site>/layer_<L>_width_<W>_l0_<size>`` with ``size`` one of small, medium, big."""
-    return Path(root) / site / f"layer_{layer}_width_{width_name(d_sae)}_l0_{size}"
+def release_folder(root: str | Path, site: str, layer: int, d_sae: int, size: str, *, affine: bool = False) -> Path:
+    """``<root>/<site>/layer_<L>_width_<W>_l0_<size>`` with ``size`` one of small, medium, big; skip transcoders
+    (``affine``) get the release's ``_affine`` suffix."""
+    return Path(root) / site / f"layer_{layer}_width_{width_name(d_sae)}_l0_{size}{'_affine' if affine else ''}"
+
+
+def hook_points(config: SAEConfig) -> tuple[str | None, str | None]:
+    """``(hf_hook_point_in, hf_hook_point_out)`` for a config: an SAE reads and writes one hook point; a
+    transcoder reads ``mlp_in`` (the pre-feedforward norm's output) and writes ``mlp_out`` of its layer."""
+    c = config
+    hook_in = c.hook_point or (HF_HOOK_POINTS[c.site].format(layer=c.layer)
+                               if c.site in HF_HOOK_POINTS and c.layer is not None else None)
+    if not c.is_transcoder:
+        return hook_in, hook_in
+    hook_out = HF_HOOK_POINTS["mlp_out"].format(layer=c.layer) if c.layer is not None else None
+    return hook_in, hook_out
+
+
+def site_from_hook_point(hook: str | None) -> tuple[str | None, int | None]:
+    """``model.layers.12.output`` → ``("resid_post", 12)``; unknown hook points give ``(None, None)``."""
+    for name, template in HF_HOOK_POINTS.items():
+        match = re.match("^" + re.escape(template).replace(re.escape("{layer}"), r"(\d+)") + "$", hook or "")
+        if match:
+            return name, int(match.group(1))
+    return None, None
 
 
 def is_gemma_scope_2(folder: Path) -> bool:
@@ -51,11 +87,10 @@ def save_gemma_scope_2(sae: JumpReLUSAE, folder: Path) -> Path:
     c = sae.config
     tensors = {KEYS[name]: t.contiguous().cpu() for name, t in sae.state_tensors().items()}
     save_file(tensors, str(folder / PARAMS_FILE))
-    hook = c.hook_point or (HF_HOOK_POINTS[c.site].format(layer=c.layer)
-                            if c.site in HF_HOOK_POINTS and c.layer is not None else None)
-    config = {"architecture": "jump_relu", "model_name": c.model, "hf_hook_point_in": hook,
-              "hf_hook_point_out": hook, "affine_connection": False, "width": c.d_sae,
-              "saescope_version": __version__, "saescope_config": c.model_dump(mode="json")}
+    hook_in, hook_out = hook_points(c)
+    config = {"architecture": "jump_relu", "model_name": c.model, "hf_hook_point_in": hook_in,
+              "hf_hook_point_out": hook_out, "affine_connection": c.architecture == "jumprelu_skip_transcoder",
+              "width": c.d_sae, "saescope_version": __version__, "saescope_config": c.model_dump(mode="json")}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -68,24 +103,35 @@ def load_gemma_scope_2(folder: Path, *, expect_d_in: int | None = None,
     if architecture not in ("jump_relu", "jumprelu"):
         raise SAEFileError(config_path, f"describes a '{architecture}' model", key="architecture",
                            expected="'jump_relu'")
-    if cfg.get("affine_connection"):
-        raise SAEFileError(config_path, "describes a skip transcoder (affine_connection true)",
-                           key="affine_connection", expected="a JumpReLU SAE; transcoders load elsewhere")
     path = folder / PARAMS_FILE
-    params = check_parameters(path, read_safetensors(path), KEYS, expect_d_in=expect_d_in)
+    tensors = read_safetensors(path)
+    hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
+    w_enc, w_dec = tensors.get(KEYS["W_enc"]), tensors.get(KEYS["W_dec"])
+    wider = w_enc is not None and w_dec is not None and w_enc.dim() == 2 and w_dec.dim() == 2 \
+        and w_enc.shape[0] != w_dec.shape[1]
+    site_folder = folder.parent.name.lower()
+    transcoder = (KEYS["W_skip"] in tensors or bool(cfg.get("affine_connection")) or wider
+                  or bool(hook_out and hook_in and hook_out != hook_in)
+                  or site_folder.startswith(TRANSCODER_SITE) or site_folder.startswith("clt"))
+    params = check_parameters(path, tensors, KEYS, expect_d_in=expect_d_in, transcoder=transcoder)
+    skip = "W_skip" in params
+    if "affine_connection" in cfg and bool(cfg["affine_connection"]) != skip:
+        raise SAEFileError(path, "holds an affine_skip_connection" if skip else "has no affine_skip_connection",
+                           key=KEYS["W_skip"],
+                           expected=f"what {CONFIG_FILE} says: affine_connection {cfg['affine_connection']}")
     d_in, d_sae = params["W_enc"].shape
-    hook = cfg.get("hf_hook_point_in")
-    site, layer = None, None
-    for name, template in HF_HOOK_POINTS.items():
-        match = re.match("^" + re.escape(template).replace(re.escape("{layer}"), r"(\d+)") + "$", hook or "")
-        if match:
-            site, layer = name, int(match.group(1))
+    site, layer = site_from_hook_point(hook_in)
+    if transcoder and site is None and layer is None:
+        match = re.match(r"^layer_(\d+)_", folder.name)
+        site, layer = ("mlp_in", int(match.group(1))) if match else (None, None)
     config = SAEConfig(d_in=d_in, d_sae=d_sae, norm_scale=1.0, apply_b_dec_to_input=False, standardized=True,
                        dtype=dtype_name(params["W_enc"].dtype), model=cfg.get("model_name"), site=site,
-                       layer=layer, hook_point=hook, training={"source": "gemma-scope-2", "path": str(folder)})
+                       layer=layer, hook_point=hook_in, training={"source": "gemma-scope-2", "path": str(folder)},
+                       architecture=("jumprelu_skip_transcoder" if skip else "jumprelu_transcoder") if transcoder
+                       else "jumprelu", d_out=int(params["W_dec"].shape[1]) if transcoder else None)
     saved = cfg.get("saescope_config")
     if isinstance(saved, dict):
         keep = {k: saved[k] for k in ("site", "layer", "model", "hook_point", "training", "bandwidth")
                 if saved.get(k) is not None}
         config = config.model_copy(update=keep)
-    return JumpReLUSAE.from_parameters({n: params[n] for n in PARAMETER_NAMES}, config, device=device)
+    return module_from_parameters(params, config, device=device)

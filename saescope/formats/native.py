@@ -1,8 +1,10 @@
 """saescope's own format: ``sae.safetensors`` (the five parameters by their paper names) + ``saescope.json``.
 
-``saescope.json`` holds the :class:`~saescope.config.SAEConfig` (architecture, d_in, d_sae, site, model,
+``saescope.json`` holds the :class:`~saescope.config.SAEConfig` (architecture, d_in, d_sae, d_out, site, model,
 norm scale, standardized or not, training summary) and a format version. Weights keep their dtype, so a
-saved SAE loads back bit for bit.
+saved SAE loads back bit for bit. Transcoders store ``W_dec [d_sae, d_out]`` and, with a skip connection,
+``W_skip [d_in, d_out]``; their files say ``format_version`` 2 (older saescope versions refuse them by name
+instead of misreading them). SAE files stay version 1 and do not write ``d_out``, so older versions read them.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from saescope import __version__
 from saescope.config import SAEConfig
 from saescope.errors import SAEFileError
 from saescope.formats.checks import check_parameters, read_json, read_safetensors
+from saescope.formats.modules import module_from_parameters, upgrade_legacy_config
 from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.transcoder import SKIP_NAME
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "saescope.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # the newest this code reads and writes (2: transcoders with d_out / W_skip)
 
 
 def is_native(folder: Path) -> bool:
@@ -32,9 +36,12 @@ def is_native(folder: Path) -> bool:
 def save_native(sae: JumpReLUSAE, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in sae.state_tensors().items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "saescope", "version": str(FORMAT_VERSION)})
-    config = {"format": "saescope", "format_version": FORMAT_VERSION, "saescope_version": __version__,
-              **sae.config.model_dump(mode="json")}
+    version = 2 if sae.config.is_transcoder else 1
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "saescope", "version": str(version)})
+    dumped = sae.config.model_dump(mode="json")
+    if dumped.get("d_out") is None:
+        dumped.pop("d_out", None)
+    config = {"format": "saescope", "format_version": version, "saescope_version": __version__, **dumped}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -53,10 +60,17 @@ def load_native(folder: Path, *, expect_d_in: int | None = None, device: torch.d
         config = SAEConfig(**raw)
     except (ValidationError, TypeError) as exc:
         raise SAEFileError(config_path, f"is not a valid SAE config:\n{exc}") from exc
-    tensors = read_safetensors(folder / WEIGHTS_FILE)
-    params = check_parameters(folder / WEIGHTS_FILE, tensors, expect_d_in=expect_d_in,
-                              expect_d_sae=config.d_sae, site=config.site)
+    config = upgrade_legacy_config(config)
+    weights = folder / WEIGHTS_FILE
+    tensors = read_safetensors(weights)
+    params = check_parameters(weights, tensors, expect_d_in=expect_d_in, expect_d_sae=config.d_sae,
+                              expect_d_out=config.d_out if config.is_transcoder else None,
+                              transcoder=config.is_transcoder, site=config.site)
     if params["W_enc"].shape[0] != config.d_in:
-        raise SAEFileError(folder / WEIGHTS_FILE, f"has d_in {params['W_enc'].shape[0]}", key="W_enc",
+        raise SAEFileError(weights, f"has d_in {params['W_enc'].shape[0]}", key="W_enc",
                            expected=f"d_in {config.d_in} as {config_path.name} says")
-    return JumpReLUSAE.from_parameters(params, config, device=device)
+    has_skip = SKIP_NAME in params
+    if has_skip != (config.architecture == "jumprelu_skip_transcoder"):
+        raise SAEFileError(weights, "holds a W_skip matrix" if has_skip else "has no W_skip matrix", key=SKIP_NAME,
+                           expected=f"what {config_path.name} says: architecture {config.architecture!r}")
+    return module_from_parameters(params, config, device=device)

@@ -7,7 +7,13 @@ activations as given (``normalize_activations: "none"``); it has no constant nor
 ``C ≠ 1`` is written with ``C`` folded in (:func:`saescope.sae.standardize.fold_norm_scale`: the same
 reconstructions; latents ``C ×`` the training-time latents), keeping the pre-encoder bias.
 
-The facts here were read from SAELens 6.54 (``saes/sae.py``, ``saes/jumprelu_sae.py``,
+Transcoders are written as SAELens's ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``: ``d_out`` beside
+``d_in``, ``W_dec [d_sae, d_out]``, ``apply_b_dec_to_input: false`` (SAELens refuses it for transcoders),
+``metadata.hook_name_out`` (``blocks.<L>.hook_mlp_out``) and, for the skip variant, ``W_skip`` stored as SAELens
+keeps it, ``[d_out, d_in]`` (the transpose of ours; SAELens computes ``x W_skipᵀ``). Their ``C`` is folded
+by the transcoder's own standardization (it leaves ``W_skip`` unchanged).
+
+The facts here were read from SAELens 6.54 (``saes/transcoder.py``, (``saes/sae.py``, ``saes/jumprelu_sae.py``,
 ``loading/pretrained_sae_loaders.py``); the code is our own.
 """
 
@@ -25,8 +31,11 @@ from saescope import __version__
 from saescope.config import SAEConfig
 from saescope.errors import SAEFileError
 from saescope.formats.checks import check_parameters, read_json, read_safetensors
-from saescope.sae.jumprelu import PARAMETER_NAMES, JumpReLUSAE, dtype_name
+from saescope.formats.modules import module_from_parameters
+from saescope.sae.jumprelu import JumpReLUSAE, dtype_name
+from saescope.sae.transcoder import SKIP_NAME
 
+ARCHITECTURES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")   # SAELens names = ours
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_VERSION_WRITTEN = "6.54.12"   # the cfg layout we write is the one this SAELens version writes
@@ -65,11 +74,14 @@ def save_saelens(sae: JumpReLUSAE, folder: Path, *, context_size: int | None = N
                  prepend_bos: bool = True) -> Path:
     from saescope.sae.standardize import fold_norm_scale
 
-    if sae.config.norm_scale != 1.0:
+    if sae.config.is_transcoder:
+        if sae.config.norm_scale != 1.0:
+            sae = sae.standardize()     # a transcoder has no pre-encoder bias: folding C is standardizing
+    elif sae.config.norm_scale != 1.0:
         sae = fold_norm_scale(sae)
     folder.mkdir(parents=True, exist_ok=True)
     c = sae.config
-    tensors = {name: t.contiguous().cpu() for name, t in sae.state_tensors().items()}
+    tensors = {name: (t.T if name == SKIP_NAME else t).contiguous().cpu() for name, t in sae.state_tensors().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE))
     cfg: dict[str, Any] = {
         "d_in": c.d_in,
@@ -90,8 +102,11 @@ def save_saelens(sae: JumpReLUSAE, folder: Path, *, context_size: int | None = N
             "saescope_version": __version__,
             "saescope_config": c.model_dump(mode="json"),
         },
-        "architecture": "jumprelu",
+        "architecture": c.architecture,
     }
+    if c.is_transcoder:
+        cfg["d_out"] = c.output_width
+        cfg["metadata"]["hook_name_out"] = hook_name("mlp_out", c.layer) if c.site == "mlp_in" else None
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
 
@@ -101,15 +116,16 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
     cfg_path = folder / CFG_FILE
     cfg = read_json(cfg_path)
     architecture = cfg.get("architecture", "standard")   # SAELens < 6 defaults to "standard"
-    if architecture != "jumprelu":
+    if architecture not in ARCHITECTURES:
         raise SAEFileError(cfg_path, f"describes a '{architecture}' SAE", key="architecture",
-                           expected="'jumprelu'; saescope reads JumpReLU SAEs")
+                           expected=f"one of {', '.join(ARCHITECTURES)}; saescope reads JumpReLU SAEs and transcoders")
+    transcoder = architecture != "jumprelu"
     normalize = cfg.get("normalize_activations", "none")
     if normalize not in ("none", None):
         raise SAEFileError(cfg_path, f"asks for run-time activation normalization '{normalize}'",
                            key="normalize_activations",
                            expected="'none': fold the scaling into the weights in SAELens, then save again")
-    for key in ("d_in", "d_sae"):
+    for key in ("d_in", "d_sae") + (("d_out",) if transcoder else ()):
         if not isinstance(cfg.get(key), int):
             raise SAEFileError(cfg_path, f"is {cfg.get(key)!r}", key=key, expected="a positive integer")
     metadata = cfg.get("metadata") or {}
@@ -123,12 +139,21 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
     tensors = read_safetensors(weights_path)
     if "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    params = check_parameters(weights_path, tensors, expect_d_in=expect_d_in, expect_d_sae=cfg["d_sae"])
+    skip = architecture == "jumprelu_skip_transcoder"
+    if skip != (SKIP_NAME in tensors):
+        raise SAEFileError(weights_path, "holds a W_skip matrix" if not skip else "has no W_skip matrix",
+                           key=SKIP_NAME, expected=f"what {CFG_FILE} says: architecture {architecture!r}")
+    params = check_parameters(weights_path, tensors, expect_d_in=expect_d_in, expect_d_sae=cfg["d_sae"],
+                              expect_d_out=cfg["d_out"] if transcoder else None, transcoder=transcoder,
+                              transposed=(SKIP_NAME,))
     if params["W_enc"].shape[0] != cfg["d_in"]:
         raise SAEFileError(weights_path, f"has d_in {params['W_enc'].shape[0]}", key="W_enc",
                            expected=f"d_in {cfg['d_in']} as cfg.json says")
     site, layer = site_from_hook_name(meta("hook_name"))
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
+    if transcoder and apply_b_dec:
+        raise SAEFileError(cfg_path, "is true for a transcoder", key="apply_b_dec_to_input",
+                           expected="false: a transcoder's b_dec lives in the output space")
     dtype = cfg.get("dtype", "float32")
     dtype = dtype.removeprefix("torch.") if isinstance(dtype, str) else "float32"
     if dtype not in ("float32", "float64", "bfloat16", "float16"):
@@ -136,7 +161,7 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
     config = SAEConfig(
         d_in=cfg["d_in"], d_sae=cfg["d_sae"], norm_scale=1.0, apply_b_dec_to_input=apply_b_dec,
         standardized=not apply_b_dec, dtype=dtype, model=meta("model_name"), site=site, layer=layer,
-        hook_point=meta("hook_name"),
+        hook_point=meta("hook_name"), architecture=architecture, d_out=cfg["d_out"] if transcoder else None,
         training={"source": "saelens", "sae_lens_version": meta("sae_lens_version"),
                   "context_size": meta("context_size")},
     )
@@ -145,4 +170,4 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
         keep = {k: saved[k] for k in ("site", "layer", "model", "hook_point", "training", "bandwidth")
                 if saved.get(k) is not None}
         config = config.model_copy(update=keep)
-    return JumpReLUSAE.from_parameters({n: params[n] for n in PARAMETER_NAMES}, config, device=device)
+    return module_from_parameters(params, config, device=device)

@@ -1,4 +1,4 @@
-"""The JumpReLU transcoder (Gemma Scope Appendix B; Dunefsky et al. 2024).
+"""The JumpReLU transcoder (Gemma Scope Appendix B; Dunefsky et al. 2024) and the skip transcoder (Gemma Scope 2).
 
 A transcoder reads the MLP input (``mlp_in``: just after the pre-MLP RMSNorm, gain folded into the MLP input
 weights) and predicts the MLP sublayer's output (``mlp_out``). It is trained exactly like an MLP SAE except:
@@ -13,8 +13,15 @@ Input and target are both divided by the same scalar ``C``, the RMS norm of the 
     f = JumpReLU_θ(W_enc x_in/C + b_enc),     ŷ_raw = C·(W_dec f + b_dec)
     L = mean_b(‖y_raw/C − (W_dec f + b_dec)‖² + λ Σ_i H(z_i − θ_i))
 
-Standardization (App. A eqs. 7-9 without the ``b_dec`` term) gives ``b'_enc = C b_enc``, ``b'_dec = C b_dec``,
-``θ' = C θ``; the standardized transcoder maps raw ``mlp_in`` to raw ``mlp_out``.
+A *skip transcoder* (Gemma Scope 2, "affine skip connection"; ``skip=True``) adds a linear map of the input,
+``W_skip [d_in, d_out]`` initialised to zero and trained with the rest::
+
+    ŷ = W_dec f + b_dec + x W_skip          (normalized scale, x = x_raw/C)
+    ŷ_raw = C·ŷ = C·(W_dec f + b_dec) + x_raw W_skip
+
+so ``W_skip`` means the same on both scales. Standardization (App. A eqs. 7-9 without the ``b_dec`` term)
+gives ``b'_enc = C b_enc``, ``b'_dec = C b_dec``, ``θ' = C θ`` and leaves ``W_enc``, ``W_dec`` and ``W_skip``
+unchanged; the standardized transcoder maps raw ``mlp_in`` to raw ``mlp_out``.
 """
 
 from __future__ import annotations
@@ -29,8 +36,18 @@ from torch import nn
 
 from saescope.config import SAEConfig
 from saescope.errors import SaescopeError
-from saescope.sae.jumprelu import DEFAULT_THRESHOLD, JumpReLUSAE, seeded_generator
+from saescope.sae.jumprelu import (
+    DEFAULT_THRESHOLD,
+    PARAMETER_NAMES,
+    JumpReLUSAE,
+    dtype_name,
+    seeded_generator,
+    torch_dtype,
+)
+from saescope.sae.losses import quadratic_l0_penalty
 from saescope.sae.ste import heaviside, jumprelu
+
+SKIP_NAME = "W_skip"
 
 
 @dataclass
@@ -47,39 +64,75 @@ class TranscoderTrainingOutput:
     loss: torch.Tensor
 
 
+def transcoder_architecture(skip: bool) -> str:
+    return "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder"
+
+
 class JumpReLUTranscoder(JumpReLUSAE):
-    """A JumpReLU transcoder ``mlp_in → mlp_out`` with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``.
+    """A JumpReLU transcoder ``mlp_in → mlp_out`` with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]`` and,
+    with ``skip=True``, ``W_skip [d_in, d_out]`` (zero at initialisation). ``W_skip`` is None without skip.
 
     ``norm_scale`` is ``C`` (the input's RMS norm, √d_model after RMSNorm); the pre-encoder bias is always off.
+    A ``config`` (e.g. read from a file) supplies ``d_out`` when it is not given; its architecture must agree
+    with ``skip`` (an older config saying ``jumprelu`` is upgraded to the transcoder architecture).
     """
 
+    W_skip: nn.Parameter | None
+
     def __init__(self, d_in: int, d_sae: int, norm_scale: float | None = None, *, d_out: int | None = None,
-                 dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None,
-                 bandwidth: float = 0.001, seed: int | None = None, config: SAEConfig | None = None,
-                 **metadata: Any):
-        d_out = d_in if d_out is None else d_out
-        if norm_scale is None:
-            norm_scale = math.sqrt(d_in)
-        if config is not None and config.apply_b_dec_to_input:
-            raise SaescopeError("a transcoder has no pre-encoder bias (App. B): apply_b_dec_to_input must be false")
+                 skip: bool = False, dtype: torch.dtype | str = torch.float32,
+                 device: torch.device | str | None = None, bandwidth: float = 0.001, seed: int | None = None,
+                 config: SAEConfig | None = None, **metadata: Any):
+        architecture = transcoder_architecture(skip)
+        if isinstance(dtype, str):
+            dtype = torch_dtype(dtype)
+        if config is not None:
+            if config.apply_b_dec_to_input:
+                raise SaescopeError("a transcoder has no pre-encoder bias (App. B): apply_b_dec_to_input must "
+                                    "be false")
+            if d_out is None:
+                d_out = config.output_width
+            elif config.d_out is not None and config.d_out != d_out:
+                raise ValueError(f"config says d_out={config.d_out} but the transcoder was built with d_out={d_out}")
+            if config.is_transcoder and config.architecture != architecture:
+                raise ValueError(f"config says architecture {config.architecture!r} but the transcoder was built "
+                                 f"with skip={skip}")
+            config = config.model_copy(update={"architecture": architecture, "d_out": d_out})
+        else:
+            d_out = d_in if d_out is None else d_out
+            if norm_scale is None:
+                norm_scale = math.sqrt(d_in)
+            config = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, d_out=d_out,
+                               norm_scale=float(norm_scale), apply_b_dec_to_input=False, bandwidth=bandwidth,
+                               dtype=dtype_name(dtype), **metadata)
         self._d_out = d_out
-        super().__init__(d_in, d_sae, norm_scale, dtype=dtype, device=device, apply_b_dec_to_input=False,
-                         bandwidth=bandwidth, seed=seed, config=config, **metadata)
+        self._skip = skip
+        super().__init__(d_in, d_sae, config.norm_scale, dtype=dtype, device=device, apply_b_dec_to_input=False,
+                         bandwidth=config.bandwidth, seed=seed, config=config)
 
     @property
     def d_out(self) -> int:
         return self._d_out
 
+    @property
+    def skip(self) -> bool:
+        return self.W_skip is not None
+
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """App. B: ``W_dec`` and ``W_enc`` drawn independently (unit-norm latent directions), zero biases, θ = 0.001."""
+        """App. B: ``W_dec`` and ``W_enc`` drawn independently (unit-norm latent directions), zero biases,
+        θ = 0.001; ``W_skip = 0`` (so a fresh skip transcoder computes what the same one without skip does)."""
         d_out = getattr(self, "_d_out", self.W_dec.shape[1])
         if self.W_dec.shape[1] != d_out:
             self.W_dec = nn.Parameter(torch.empty(self.W_dec.shape[0], d_out, dtype=self.W_dec.dtype,
                                                   device=self.W_dec.device))
             self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=self.b_dec.dtype, device=self.b_dec.device))
-        generator = seeded_generator(seed)
         d_in, d_sae = self.W_enc.shape
+        if getattr(self, "_skip", False):
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_out, dtype=self.W_enc.dtype, device=self.W_enc.device))
+        else:
+            self.register_parameter(SKIP_NAME, None)
+        generator = seeded_generator(seed)
         w_dec = torch.rand(d_sae, d_out, generator=generator, dtype=torch.float64) * 2 - 1
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
         w_enc = torch.rand(d_in, d_sae, generator=generator, dtype=torch.float64) * 2 - 1
@@ -89,6 +142,46 @@ class JumpReLUTranscoder(JumpReLUSAE):
         self.b_enc.zero_()
         self.b_dec.zero_()
         self.threshold.fill_(DEFAULT_THRESHOLD)
+        if self.W_skip is not None:
+            self.W_skip.zero_()
+
+    @classmethod
+    @torch.no_grad()
+    def from_parameters(cls, parameters: dict[str, torch.Tensor], config: SAEConfig,
+                        device: torch.device | str | None = None) -> JumpReLUTranscoder:
+        """A transcoder holding exactly these tensors (bit for bit); with skip when ``W_skip`` is among them."""
+        skip = SKIP_NAME in parameters
+        d_out = int(parameters["W_dec"].shape[1])
+        out = cls(config.d_in, config.d_sae, d_out=d_out, skip=skip, dtype=torch_dtype(config.dtype),
+                  device=device, config=config, seed=0)
+        for name in PARAMETER_NAMES + ((SKIP_NAME,) if skip else ()):
+            target = getattr(out, name)
+            source = parameters[name]
+            if name == "threshold" and source.dtype != target.dtype and source.is_floating_point():
+                target.data = torch.empty_like(target, dtype=torch.promote_types(source.dtype, target.dtype))
+            target.copy_(source.to(dtype=target.dtype, device=target.device))
+        return out
+
+    # ------------------------------------------------------------------ inference
+    def _skip_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W_skip`` (the same on the raw and the normalized scale, see the module docstring)."""
+        assert self.W_skip is not None
+        return x.to(self.dtype) @ self.W_skip
+
+    def decode(self, f: torch.Tensor, x_raw: torch.Tensor | None = None) -> torch.Tensor:
+        """``ŷ_raw = C·(W_dec f + b_dec)`` plus ``x_raw W_skip`` for a skip transcoder (which needs ``x_raw``)."""
+        y_hat = super().decode(f)
+        if self.W_skip is None:
+            return y_hat
+        if x_raw is None:
+            raise ValueError("a skip transcoder's output depends on its input: call decode(f, x_raw) or "
+                             "forward(x_raw)")
+        self._check_input(x_raw)
+        return y_hat + self._skip_normalized(x_raw)
+
+    def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """The prediction of raw ``mlp_out`` from raw ``mlp_in`` (with the skip term when present)."""
+        return self.decode(self.encode(x_raw), x_raw)
 
     def normalize_target(self, y_raw: torch.Tensor) -> torch.Tensor:
         """``y = y_raw / C`` (the same C as the input, App. B)."""
@@ -98,39 +191,57 @@ class JumpReLUTranscoder(JumpReLUSAE):
         y = y_raw.to(self.dtype)
         return y if self.norm_scale == 1.0 else y / self.norm_scale
 
+    # ------------------------------------------------------------------ training
     def training_forward(self, x_raw: torch.Tensor, y_raw: torch.Tensor,  # type: ignore[override]
-                         sparsity_coefficient: float) -> TranscoderTrainingOutput:
-        """Loss ``mean_b(‖y − ŷ‖² + λ·Σ_i H(z_i − θ_i))`` with ``x = x_raw/C``, ``y = y_raw/C`` (App. B)."""
+                         sparsity_coefficient: float, *, target_l0: float | None = None
+                         ) -> TranscoderTrainingOutput:
+        """Loss ``mean_b(‖y − ŷ‖² + λ·Σ_i H(z_i − θ_i))`` with ``x = x_raw/C``, ``y = y_raw/C`` (App. B) and
+        ``ŷ = W_dec f + b_dec (+ x W_skip)``. ``target_l0`` swaps ``λ·L0`` for Gemma Scope 2's
+        ``λ·(2/L0_target)(L0 − L0_target)²`` (:func:`saescope.sae.losses.quadratic_l0_penalty`)."""
         x = self.normalize(x_raw)
         y = self.normalize_target(y_raw)
         z = self._pre_activations_normalized(x)
         f = jumprelu(z, self.threshold, self.config.bandwidth)
         y_hat = self._decode_normalized(f)
+        if self.W_skip is not None:
+            y_hat = y_hat + self._skip_normalized(x)
         reconstruction = (y - y_hat).pow(2).sum(dim=-1)
         l0 = heaviside(z, self.threshold, self.config.bandwidth).sum(dim=-1)
-        loss = (reconstruction + sparsity_coefficient * l0).mean()
+        penalty = l0 if target_l0 is None else quadratic_l0_penalty(l0, target_l0)
+        loss = (reconstruction + sparsity_coefficient * penalty).mean()
         return TranscoderTrainingOutput(x=x, target=y, x_hat=y_hat, pre_activations=z, latents=f, l0=l0,
                                         reconstruction=reconstruction, loss=loss)
 
+    # ------------------------------------------------------------------ standardization and files
     @torch.no_grad()
     def standardize(self) -> JumpReLUTranscoder:
-        """App. A eqs. 7-9 without a pre-encoder bias: ``b'_enc = C b_enc``, ``b'_dec = C b_dec``, ``θ' = C θ``."""
+        """App. A eqs. 7-9 without a pre-encoder bias: ``b'_enc = C b_enc``, ``b'_dec = C b_dec``, ``θ' = C θ``;
+        ``W_enc``, ``W_dec`` and ``W_skip`` unchanged (``x_raw W_skip = C·(x W_skip)``, module docstring)."""
         C = float(self.norm_scale)
         config = self.config.model_copy(update={"norm_scale": 1.0, "apply_b_dec_to_input": False,
                                                 "standardized": True})
-        out = JumpReLUTranscoder(self.d_in, self.d_sae, 1.0, d_out=self.d_out, dtype=self.dtype,
+        out = JumpReLUTranscoder(self.d_in, self.d_sae, 1.0, d_out=self.d_out, skip=self.skip, dtype=self.dtype,
                                  device=self.device, config=config, seed=0)
         out.W_enc.copy_(self.W_enc)
         out.W_dec.copy_(self.W_dec)
+        if self.W_skip is not None:
+            out.W_skip.copy_(self.W_skip)
         out.b_enc.copy_((C * self.b_enc.to(torch.float64)).to(out.b_enc.dtype))
         out.b_dec.copy_((C * self.b_dec.to(torch.float64)).to(out.b_dec.dtype))
         out.threshold.copy_((C * self.threshold.to(torch.float64)).to(out.threshold.dtype))
         return out
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The five parameters by their paper names, plus ``W_skip`` for a skip transcoder (detached)."""
+        tensors = super().state_tensors()
+        if self.W_skip is not None:
+            tensors[SKIP_NAME] = self.W_skip.detach()
+        return tensors
+
     def save(self, path: str | Path, format: str = "native") -> Path:
-        """Save like an SAE (the five parameters); the file formats need ``d_out == d_in`` (true for
-        ``mlp_in → mlp_out`` of any model, both d_model wide)."""
-        if self.d_out != self.d_in:
-            raise SaescopeError(f"cannot save a transcoder with d_out={self.d_out} != d_in={self.d_in}: the "
-                                "SAE file formats store W_dec as [d_sae, d_in]")
+        """Write the transcoder (``W_dec [d_sae, d_out]``, and ``W_skip`` if present) in ``"native"``,
+        ``"gemma-scope"`` (no skip), ``"gemma-scope-2"`` or ``"saelens"`` format; see :mod:`saescope.formats`."""
         return super().save(path, format=format)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", d_out={self.d_out}, skip={self.skip}"
