@@ -9,6 +9,11 @@ saescope writes a trained suite as ``suite/<kind>/layer_<L>/width_<W>/average_l0
   ``medium``, two are ``small`` and ``big``); with more than three the measured L0 is used (``l0_<k>``).
 
 Both hold standardized parameters (Appendix A); saving standardizes.
+
+Transcoders (read ``mlp_in``, write ``mlp_out``) go under the site folder ``transcoder/`` in both layouts, as
+the releases do; Gemma Scope 2 marks skip transcoders with the release's ``_affine`` folder suffix, ranking
+their L0 sizes separately from plain transcoders. ``params.npz`` has no skip matrix, so exporting a suite
+with a skip transcoder to the ``gemma-scope`` layout is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from saescope.config import Site
 from saescope.errors import SAEFileError, SaescopeError
 from saescope.formats import detect_format, load_sae
 from saescope.formats.gemma_scope import width_name
+from saescope.formats.gemma_scope_2 import TRANSCODER_SITE
 from saescope.formats.gemma_scope_2 import release_folder as gemma_scope_2_folder
 
 LAYOUTS = ("gemma-scope", "gemma-scope-2")
@@ -36,10 +42,16 @@ class SuiteEntry:
     layer: int
     d_sae: int
     average_l0: int
+    architecture: str = "jumprelu"    # or jumprelu_transcoder / jumprelu_skip_transcoder (then site is "transcoder")
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        return self.site, self.layer, self.d_sae
+    def key(self) -> tuple[str, int, int, str]:
+        return self.site, self.layer, self.d_sae, self.architecture
+
+    @property
+    def affine(self) -> bool:
+        """A skip transcoder (Gemma Scope 2's "affine skip connection")."""
+        return self.architecture == "jumprelu_skip_transcoder"
 
 
 def sae_folders(run_dir: str | Path) -> list[Path]:
@@ -72,8 +84,10 @@ def find_suite(root: str | Path) -> list[SuiteEntry]:
             raise SaescopeError(f"the SAE in {folder} does not say which site and layer it reads; "
                                 "re-save it with site and layer in its config")
         kind = Site.parse(c.site).kind if "/layer_" in c.site else c.site
-        entries.append(SuiteEntry(folder, kind, c.layer, c.d_sae, _average_l0(folder, c.training)))
-    return sorted(entries, key=lambda e: (e.site, e.layer, e.d_sae, e.average_l0))
+        if c.is_transcoder:
+            kind = TRANSCODER_SITE
+        entries.append(SuiteEntry(folder, kind, c.layer, c.d_sae, _average_l0(folder, c.training), c.architecture))
+    return sorted(entries, key=lambda e: (e.site, e.layer, e.d_sae, e.architecture, e.average_l0))
 
 
 def _average_l0(folder: Path, training: dict) -> int:
@@ -107,6 +121,10 @@ def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2
     if layout not in LAYOUTS:
         raise SaescopeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     entries = find_suite(root)
+    skips = [e.folder for e in entries if e.affine]
+    if layout == "gemma-scope" and skips:
+        raise SaescopeError(f"the gemma-scope layout (params.npz) has no skip matrix, but {len(skips)} member(s) are "
+                            f"skip transcoders (e.g. {skips[0]}); export with --layout gemma-scope-2 instead")
     out = Path(out)
     sizes = size_names(entries)
     written = []
@@ -115,7 +133,7 @@ def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2
         if layout == "gemma-scope":
             target = out / e.site / f"layer_{e.layer}" / f"width_{width_name(e.d_sae)}" / f"average_l0_{e.average_l0}"
         else:
-            target = gemma_scope_2_folder(out, e.site, e.layer, e.d_sae, sizes[e.folder])
+            target = gemma_scope_2_folder(out, e.site, e.layer, e.d_sae, sizes[e.folder], affine=e.affine)
         if target.exists() and any(target.iterdir()):
             raise SaescopeError(f"{target} already holds files; two SAEs map to the same release folder "
                                 "or the export ran before — choose an empty output folder")

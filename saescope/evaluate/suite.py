@@ -70,7 +70,8 @@ class EvalTarget:
         except ValueError as exc:
             raise SaescopeError(f"SAE {name!r}: {exc}") from None
         d_out = getattr(sae, "d_out", None) or getattr(config, "d_out", None)
-        is_transcoder = site.kind == "mlp_in" or (d_out is not None and d_out != getattr(sae, "d_in", d_out))
+        is_transcoder = site.kind == "mlp_in" or bool(getattr(config, "is_transcoder", False)) or (
+            d_out is not None and d_out != getattr(sae, "d_in", d_out))
         if is_transcoder:
             return cls(name, sae, Site(kind="mlp_in", layer=site.layer), Site(kind="mlp_out", layer=site.layer),
                        "transcoder", None if path is None else str(path))
@@ -90,6 +91,8 @@ class _State:
 
 def _reconstruct(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     f = sae.encode(x)
+    if getattr(sae, "W_skip", None) is not None:   # a skip transcoder's output also reads its input: forward(x)
+        return f, sae.decode(f, x)
     return f, sae.decode(f)
 
 
