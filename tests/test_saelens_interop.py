@@ -70,3 +70,61 @@ def test_we_load_a_file_saelens_saved(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.decode(again.encode(x)), theirs.decode(theirs.encode(x)),
                                    rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- transcoders (jumprelu_transcoder / _skip_)
+from sae_lens.saes.transcoder import JumpReLUSkipTranscoder as LensSkipTranscoder  # noqa: E402
+from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig  # noqa: E402
+from sae_lens.saes.transcoder import JumpReLUTranscoder as LensTranscoder  # noqa: E402
+
+from saescope.sae.transcoder import JumpReLUTranscoder  # noqa: E402
+
+D_OUT = 11
+
+
+def random_transcoder(skip: bool, norm_scale: float, seed: int = 0) -> JumpReLUTranscoder:
+    g = torch.Generator().manual_seed(seed)
+    tc = JumpReLUTranscoder(D_IN, D_SAE, norm_scale, d_out=D_OUT, skip=skip, seed=seed, model="tiny",
+                            site="mlp_in", layer=3)
+    with torch.no_grad():
+        for _, p in tc.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        tc.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.2)
+    return tc
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("norm_scale", [1.0, 4.0])
+def test_saelens_loads_our_transcoder_and_computes_the_same(tmp_path, skip, norm_scale):
+    ours = random_transcoder(skip, norm_scale)
+    ours.save(tmp_path / "t", format="saelens")
+    theirs = SAE.load_from_disk(tmp_path / "t")
+    assert type(theirs) is (LensSkipTranscoder if skip else LensTranscoder)
+    assert theirs.cfg.d_out == D_OUT
+    assert (theirs.cfg.metadata.hook_name, theirs.cfg.metadata.hook_name_out) == ("blocks.3.hook_mlp_in",
+                                                                                  "blocks.3.hook_mlp_out")
+    x = torch.randn(200, D_IN, generator=torch.Generator().manual_seed(5)) * norm_scale
+    with torch.no_grad():
+        f_ours = ours.encode(x)
+        assert (f_ours > 0).float().mean() > 0.1
+        torch.testing.assert_close(theirs.encode(x), norm_scale * f_ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_we_load_a_skip_transcoder_saelens_saved(tmp_path):
+    torch.manual_seed(0)
+    theirs = LensSkipTranscoder(JumpReLUSkipTranscoderConfig(d_in=D_IN, d_sae=D_SAE, d_out=D_OUT,
+                                                             apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        theirs.threshold.copy_(torch.rand(D_SAE) * 0.2)
+    assert tuple(theirs.W_skip.shape) == (D_OUT, D_IN)      # SAELens keeps the transpose of ours
+    theirs.save_model(tmp_path / "lens")
+    ours = load_sae(tmp_path / "lens")
+    assert isinstance(ours, JumpReLUTranscoder) and ours.skip and ours.d_out == D_OUT
+    torch.testing.assert_close(ours.W_skip, theirs.W_skip.detach().T, rtol=0, atol=0)
+    x = torch.randn(200, D_IN, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        assert (ours.encode(x) > 0).float().mean() > 0.1

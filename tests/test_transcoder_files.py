@@ -23,7 +23,7 @@ def trained_like(skip: bool, d_out: int = 7, dtype=torch.float32, norm_scale: fl
     tc = JumpReLUTranscoder(D_IN, D_SAE, norm_scale, d_out=d_out, skip=skip, dtype=dtype, seed=seed,
                             model="tiny", site="mlp_in", layer=layer, training={"kind": "transcoder"})
     with torch.no_grad():
-        for name, p in tc.named_parameters():
+        for p in tc.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         tc.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.2)
     return tc
