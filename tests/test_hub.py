@@ -47,3 +47,25 @@ def test_repo_id_detection(tmp_path):
     assert not looks_like_repo_id("/abs/path")
     assert not looks_like_repo_id("a/b/c")
     assert not looks_like_repo_id(str(tmp_path))
+
+
+def test_skip_transcoder_folder_from_the_hub_cache(tmp_path):
+    """A Gemma Scope 2 skip-transcoder folder (transcoder_all/..._affine) read by repo id + folder."""
+    from saescope.sae.transcoder import JumpReLUTranscoder
+
+    folder = "transcoder_all/layer_7_width_16k_l0_small_affine"
+    repo = tmp_path / "cache" / ("models--" + REPO.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    tc = JumpReLUTranscoder(8, 16, skip=True, seed=0, model="gemma-3-270m", site="mlp_in", layer=7)
+    with torch.no_grad():
+        tc.W_skip.normal_()
+        tc.b_dec.normal_()
+    tc = tc.standardize()
+    tc.save(repo / "snapshots" / COMMIT / folder, format="gemma-scope-2")
+    back = load_sae(REPO, folder=folder, cache_dir=tmp_path / "cache")
+    assert type(back) is JumpReLUTranscoder and back.skip
+    assert (back.config.site, back.config.layer) == ("mlp_in", 7)
+    assert back.config.hook_point == "model.layers.7.pre_feedforward_layernorm.output"
+    x = torch.randn(10, 8)
+    assert torch.equal(back(x), tc(x))

@@ -77,3 +77,62 @@ def test_export_command(tmp_path):
     assert result.exit_code == 0 and "wrote 6 SAEs" in result.output, result.output
     result = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), str(tmp_path / "gs3")])
     assert result.exit_code == 2 and "is not a folder" in result.output
+
+
+def make_transcoder_suite(root: Path) -> dict[tuple[bool, int], torch.nn.Module]:
+    """Plain and skip transcoders of layer 3 (two L0s each), saved as the trainer does (standardized, native,
+    under transcoder/layer_<L>/...), beside one SAE."""
+    from saescope.sae.transcoder import JumpReLUTranscoder
+
+    modules: dict[tuple[bool, int], torch.nn.Module] = {}
+    for skip in (False, True):
+        for l0 in (12, 50):
+            tc = JumpReLUTranscoder(8, 32, 3.0, skip=skip, seed=l0 + skip, site="mlp_in", layer=3,
+                                    training={"kind": "transcoder", "final_l0": l0})
+            with torch.no_grad():
+                tc.b_dec.normal_()
+                if skip:
+                    tc.W_skip.normal_()
+            std = tc.standardize()
+            name = f"average_l0_{l0}" if not skip else f"average_l0_{l0}_2"
+            std.save(root / "transcoder" / "layer_3" / "width_32" / name)
+            modules[skip, l0] = std
+    JumpReLUSAE(8, 32, seed=1, site="resid_post", layer=3, training={"final_l0": 20}).save(
+        root / "resid_post" / "layer_3" / "width_32" / "average_l0_20")
+    return modules
+
+
+def test_export_transcoders_to_gemma_scope_2(tmp_path):
+    from saescope.sae.transcoder import JumpReLUTranscoder
+
+    modules = make_transcoder_suite(tmp_path / "suite")
+    written = export_suite(tmp_path / "suite", tmp_path / "gs2", layout="gemma-scope-2")
+    assert len(written) == 5
+    x = torch.randn(20, 8) * 3
+    for (skip, l0), size in [((False, 12), "small"), ((False, 50), "big"), ((True, 12), "small"),
+                             ((True, 50), "big")]:
+        folder = tmp_path / "gs2" / "transcoder" / f"layer_3_width_32_l0_{size}{'_affine' if skip else ''}"
+        back = load_sae(folder)
+        assert type(back) is JumpReLUTranscoder and back.skip == skip
+        assert (back.config.site, back.config.layer) == ("mlp_in", 3)
+        torch.testing.assert_close(back(x), modules[skip, l0](x), rtol=0, atol=0)
+    assert (tmp_path / "gs2" / "resid_post" / "layer_3_width_32_l0_medium" / "params.safetensors").is_file()
+
+
+def test_export_transcoders_to_gemma_scope_and_refuse_skip_there(tmp_path):
+    from saescope.sae.transcoder import JumpReLUTranscoder
+
+    modules = make_transcoder_suite(tmp_path / "suite")
+    with pytest.raises(SaescopeError, match="no skip matrix"):
+        export_suite(tmp_path / "suite", tmp_path / "gs", layout="gemma-scope")
+    assert not (tmp_path / "gs").exists()                   # refused before writing anything
+    for folder in (tmp_path / "suite" / "transcoder" / "layer_3" / "width_32").glob("*_2"):
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    export_suite(tmp_path / "suite", tmp_path / "gs", layout="gemma-scope")
+    folder = tmp_path / "gs" / "transcoder" / "layer_3" / "width_32" / "average_l0_12"
+    back = load_sae(folder)
+    assert type(back) is JumpReLUTranscoder and not back.skip and back.config.layer == 3
+    x = torch.randn(20, 8) * 3
+    torch.testing.assert_close(back(x), modules[False, 12](x), rtol=0, atol=0)
