@@ -147,6 +147,16 @@ def train(
                                                 "transcoders at this layer (repeat)"),
     widths: list[int] = typer.Option([], "--width", help="number of latents (repeat for several)"),
     lambdas: list[float] = typer.Option([], "--lambda", help="sparsity coefficient λ (repeat for several)"),
+    target_l0s: list[float] = typer.Option([], "--target-l0", help="Gemma Scope 2: train toward this L0 with the "
+                                           "quadratic penalty (repeat for several; λ optional)"),
+    skip: bool = typer.Option(False, "--skip", help="transcoders get an affine skip connection W_skip x "
+                              "(Gemma Scope 2 skip transcoders)"),
+    matryoshka: bool = typer.Option(False, "--matryoshka", help="SAEs sum the loss over nested latent prefixes "
+                                    "(default prefixes width/16, /8, /4, /2, width)"),
+    matryoshka_prefixes: list[int] = typer.Option([], "--matryoshka-prefix", help="a Matryoshka prefix size "
+                                                  "(repeat, increasing, the last = the width)"),
+    matryoshka_weights: list[float] = typer.Option([], "--matryoshka-weight", help="one weight per Matryoshka "
+                                                   "prefix (repeat; default 1)"),
     total_tokens: int | None = typer.Option(None, help="tokens to train on"),
     batch_size: int | None = typer.Option(None, help="tokens per step (recipe: 4096)"),
     lr: float | None = typer.Option(None, help="learning rate (recipe: 7e-5)"),
@@ -178,22 +188,35 @@ def train(
                         ("wandb", wandb or None)):
         if value is not None:
             overrides[flag] = value
+    if (matryoshka_prefixes or matryoshka_weights) and not (matryoshka or matryoshka_prefixes):
+        fail("--matryoshka-weight needs --matryoshka or --matryoshka-prefix")
+    if (matryoshka or matryoshka_prefixes) and not sites:
+        fail("--matryoshka / --matryoshka-prefix apply to SAEs: give --sites (transcoders have no Matryoshka "
+             "prefixes)")
+    if skip and not transcoder_layers:
+        fail("--skip applies to transcoders: give --transcoder-layer")
     if sites or transcoder_layers:
-        if not widths or not lambdas:
-            fail("give at least one --width and one --lambda with --sites / --transcoder-layer")
-        specs = [{"site": s, "width": w, "sparsity_coefficient": lam} for s in sites for w in widths
-                 for lam in lambdas]
-        specs += [{"site": f"mlp_in/layer_{layer}", "width": w, "sparsity_coefficient": lam, "kind": "transcoder"}
-                  for layer in transcoder_layers for w in widths for lam in lambdas]
-        overrides["saes"] = specs
-    elif widths or lambdas:
-        fail("--width / --lambda need --sites or --transcoder-layer")
+        if not widths or not (lambdas or target_l0s):
+            fail("give at least one --width and one --lambda or --target-l0 with --sites / --transcoder-layer")
+        penalties = [{"sparsity_coefficient": lam, "target_l0": t} for lam in (lambdas or [None])
+                     for t in (target_l0s or [None])]
+        nested = {}
+        if matryoshka or matryoshka_prefixes:
+            nested["matryoshka_prefixes"] = list(matryoshka_prefixes) or "default"
+            if matryoshka_weights:
+                nested["matryoshka_weights"] = list(matryoshka_weights)
+        specs = [{"site": s, "width": w, **pen, **nested} for s in sites for w in widths for pen in penalties]
+        specs += [{"site": f"mlp_in/layer_{layer}", "width": w, **pen, "kind": "transcoder", "skip": skip}
+                  for layer in transcoder_layers for w in widths for pen in penalties]
+        overrides["saes"] = [{k: v for k, v in spec.items() if v is not None} for spec in specs]
+    elif widths or lambdas or target_l0s or skip or matryoshka or matryoshka_prefixes:
+        fail("--width / --lambda / --target-l0 / --skip / --matryoshka need --sites or --transcoder-layer")
     try:
         if config is not None:
             cfg = TrainConfig.from_file(config, **overrides)
         else:
             if "saes" not in overrides:
-                fail("give a config file or --sites/--width/--lambda (see saescope train --help)")
+                fail("give a config file or --sites/--width/--lambda or --target-l0 (see saescope train --help)")
             if "total_tokens" not in overrides:
                 fail("give --total-tokens (or a config file that sets total_tokens)")
             cfg = TrainConfig.from_dict(overrides, source="the command-line flags")

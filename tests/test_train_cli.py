@@ -89,3 +89,64 @@ def test_train_cli_errors(store, tmp_path):
     result = runner.invoke(app, ["train", "--store", str(tmp_path / "nope"), "--sites", SITE, "--width", "8",
                                  "--lambda", "0.1", "--total-tokens", "200", "--batch-size", "100"])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_train_gemma_scope2_flags(store, tmp_path):
+    """--target-l0 (a list, λ optional), --skip transcoders and --matryoshka SAEs from flags."""
+    out = tmp_path / "gs2"
+    result = runner.invoke(app, ["train", "--store", str(store), "--out", str(out), "--sites", SITE,
+                                 "--transcoder-layer", "0", "--width", "32", "--target-l0", "4", "--target-l0", "8",
+                                 "--skip", "--matryoshka", "--total-tokens", "600", "--batch-size", "100",
+                                 "--lr", "3e-3", "--lr-warmup-steps", "2", "--sparsity-warmup-steps", "2"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "suite" / "training_summary.json").read_text())
+    assert [row["sae"] for row in rows] == [
+        f"{SITE}/width_32/target_l0_4_matryoshka", f"{SITE}/width_32/target_l0_8_matryoshka",
+        "transcoder_skip/mlp_in/layer_0/width_32/target_l0_4", "transcoder_skip/mlp_in/layer_0/width_32/target_l0_8"]
+    assert rows[0]["matryoshka_prefixes"] == [2, 4, 8, 16, 32] and rows[0]["target_l0"] == 4
+    assert rows[2]["skip"] is True and rows[2]["sparsity_coefficient"] > 0
+    config = (out / "config.toml").read_text()
+    assert "target_l0 = 8.0" in config and "skip = true" in config
+    # λ and targets cross: one SAE per (λ, target)
+    out2 = tmp_path / "cross"
+    result = runner.invoke(app, ["train", "--store", str(store), "--out", str(out2), "--sites", SITE, "--width", "32",
+                                 "--target-l0", "4", "--lambda", "0.5", "--lambda", "2", "--matryoshka-prefix", "8",
+                                 "--matryoshka-prefix", "32", "--matryoshka-weight", "2", "--matryoshka-weight", "1",
+                                 "--total-tokens", "200", "--batch-size", "100"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out2 / "suite" / "training_summary.json").read_text())
+    assert [row["sparsity_coefficient"] for row in rows] == [0.5, 2.0]
+    assert rows[0]["matryoshka_prefixes"] == [8, 32] and rows[0]["matryoshka_weights"] == [2.0, 1.0]
+
+
+def test_train_gemma_scope2_from_config_file(store, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "train.toml"
+    config.write_text(f'store = "{store}"\nout_dir = "{out}"\ntotal_tokens = 400\nbatch_size = 100\n'
+                      '\n[[saes]]\nsite = "resid_post:1"\nwidth = 32\ntarget_l0 = 6\nmatryoshka_prefixes = "default"\n'
+                      '\n[[saes]]\nsite = "mlp_in:0"\nkind = "transcoder"\nwidth = 32\ntarget_l0 = 6\nskip = true\n'
+                      '\n[[saes]]\nsite = "mlp_in:0"\nkind = "transcoder"\nwidth = 32\ntarget_l0 = 6\n')
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "suite" / "training_summary.json").read_text())
+    assert [row["skip"] for row in rows[1:]] == [True, False]
+    skip_sae = load_sae(out / rows[1]["folder"])
+    assert skip_sae.W_skip is not None and skip_sae.W_skip.abs().max() > 0
+    assert load_sae(out / rows[2]["folder"]).W_skip is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sites", SITE, "--width", "8", "--target-l0", "4", "--skip"], "--skip applies to transcoders"),
+    (["--transcoder-layer", "0", "--width", "8", "--target-l0", "4", "--matryoshka"], "apply to SAEs"),
+    (["--sites", SITE, "--width", "8", "--target-l0", "4", "--matryoshka-weight", "1"], "needs --matryoshka"),
+    (["--sites", SITE, "--width", "8", "--target-l0", "4", "--matryoshka-prefix", "4", "--matryoshka-prefix", "6"],
+     "last matryoshka prefix must be the full width"),
+    (["--sites", SITE, "--width", "8", "--target-l0", "20"], "more latents than the width"),
+    (["--sites", SITE, "--width", "8"], "--lambda or --target-l0"),
+    (["--target-l0", "4"], "need --sites or --transcoder-layer"),
+])
+def test_train_gemma_scope2_cli_errors(store, tmp_path, args, message):
+    result = runner.invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "x"), "--total-tokens",
+                                 "200", "--batch-size", "100", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
