@@ -51,7 +51,10 @@ def convert(
         fail(str(exc))
     if standardize:
         sae = sae.standardize()
-    out = sae.save(destination, format=to)
+    try:
+        out = sae.save(destination, format=to)
+    except SaescopeError as exc:     # e.g. a skip transcoder to gemma-scope (params.npz has no W_skip)
+        fail(str(exc))
     typer.echo(f"wrote {to} SAE to {out}")
 
 

@@ -205,3 +205,18 @@ def test_native_config_and_weights_must_agree_about_the_skip(tmp_path):
     save_file(tensors, str(folder / "sae.safetensors"))
     with pytest.raises(SAEFileError, match="holds a W_skip matrix"):
         load_sae(folder)
+
+
+def test_convert_command_moves_a_skip_transcoder_between_formats(tmp_path):
+    from typer.testing import CliRunner
+
+    from saescope.cli import app
+
+    tc = trained_like(True)
+    tc.save(tmp_path / "t")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "t"), str(tmp_path / "gs"), "--to", "gemma-scope"])
+    assert result.exit_code == 2 and "no skip matrix" in result.output, result.output
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "t"), str(tmp_path / "gs2"), "--to", "gemma-scope-2"])
+    assert result.exit_code == 0, result.output
+    x = inputs()
+    torch.testing.assert_close(load_sae(tmp_path / "gs2")(x), tc(x).detach(), rtol=1e-5, atol=1e-5)
