@@ -6,6 +6,10 @@
 | ``gemma-scope`` | ``params.npz`` (standardized)                 | ``gemma_scope`` |
 | ``gemma-scope-2`` | ``params.safetensors`` + ``config.json``    | ``gemma_scope_2`` |
 | ``saelens``     | ``sae_weights.safetensors`` + ``cfg.json``    | ``saelens``     |
+
+Transcoders (``W_dec [d_sae, d_out]``) can be saved in every format and load back as
+:class:`~saescope.sae.transcoder.JumpReLUTranscoder`; skip transcoders (``W_skip``) in every format but
+``gemma-scope``, whose ``params.npz`` has no key for the skip matrix (:mod:`saescope.formats.modules`).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
 def load_sae(path: str | Path, *, format: str | None = None, expect_d_in: int | None = None,
              device: torch.device | str | None = None, folder: str | None = None,
              revision: str | None = None, cache_dir: str | Path | None = None) -> JumpReLUSAE:
-    """Load an SAE from a folder in any of :data:`FORMATS` (detected unless ``format`` is given).
+    """Load an SAE or transcoder from a folder in any of :data:`FORMATS` (detected unless ``format`` is given).
 
     ``expect_d_in`` is the width of the site you mean to use it on; a file made for another width is
     refused with a message naming the file and key. ``path`` may also be a hub repository id with ``folder``
