@@ -153,11 +153,11 @@ def test_gemma_scope_2_writes_the_release_keys_and_config(tmp_path):
     assert tuple(tensors["affine_skip_connection"].shape) == (D_IN, 7)
     assert tuple(tensors["w_dec"].shape) == (D_SAE, 7)
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["architecture"] == "jump_relu" and cfg["affine_connection"] is True
+    assert cfg["architecture"] == "jump_relu" and cfg["affine_connection"] is True and cfg["type"] == "transcoder"
     assert cfg["hf_hook_point_in"] == "model.layers.4.pre_feedforward_layernorm.output"
     assert cfg["hf_hook_point_out"] == "model.layers.4.post_feedforward_layernorm.output"
     plain = json.loads((trained_like(False).save(tmp_path / "p", format="gemma-scope-2") / "config.json").read_text())
-    assert plain["affine_connection"] is False
+    assert plain["affine_connection"] is False and plain["type"] == "transcoder"
     assert "affine_skip_connection" not in load_file(str(tmp_path / "p" / "params.safetensors"))
 
 
@@ -220,3 +220,27 @@ def test_convert_command_moves_a_skip_transcoder_between_formats(tmp_path):
     assert result.exit_code == 0, result.output
     x = inputs()
     torch.testing.assert_close(load_sae(tmp_path / "gs2")(x), tc(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+def test_gemma_scope_2_release_config_type_decides_the_module(tmp_path, kind):
+    """Release config.json as published: ``type`` sae / transcoder, same width in and out, no skip matrix."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {"w_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+               "w_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g),
+               "threshold": torch.rand(D_SAE, generator=g) * 0.3}
+    folder = tmp_path / "release" / "layer_2_width_16k_l0_big"
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "params.safetensors"))
+    hook_in = "model.layers.2.output" if kind == "sae" else "model.layers.2.pre_feedforward_layernorm.output"
+    hook_out = "model.layers.2.output" if kind == "sae" else "model.layers.2.post_feedforward_layernorm.output"
+    (folder / "config.json").write_text(json.dumps({
+        "hf_hook_point_in": hook_in, "hf_hook_point_out": hook_out, "width": 16384, "model_name": "google/gemma-3-270m",
+        "architecture": "jump_relu", "l0": 120, "affine_connection": False, "type": kind}))
+    module = load_sae(folder)
+    assert type(module) is (JumpReLUSAE if kind == "sae" else JumpReLUTranscoder)
+    assert module.config.site == ("resid_post" if kind == "sae" else "mlp_in") and module.config.layer == 2
+    x = inputs()
+    z = x @ tensors["w_enc"] + tensors["b_enc"]
+    f = torch.where(z > tensors["threshold"], z, torch.zeros_like(z))
+    torch.testing.assert_close(module(x), f @ tensors["w_dec"] + tensors["b_dec"])

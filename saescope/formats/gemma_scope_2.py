@@ -1,6 +1,10 @@
 """The Gemma Scope 2 release format (Gemma 3, Dec 2025): ``params.safetensors`` with lower-case keys
 ``w_enc [d_in, d_sae]``, ``w_dec [d_sae, d_in]``, ``b_enc``, ``b_dec``, ``threshold``, plus ``config.json``
-(``architecture: "jump_relu"``, ``model_name``, ``hf_hook_point_in``; ``shared/reference/formats.md``).
+(``architecture: "jump_relu"``, ``type`` (``sae`` / ``transcoder``), ``model_name``, ``hf_hook_point_in``,
+``hf_hook_point_out``, ``affine_connection``, ``width``, ``l0``; ``shared/reference/formats.md``, and release
+config.json files quoted in public code, e.g. ``{"hf_hook_point_in": "model.layers.17.output",
+"hf_hook_point_out": "model.layers.17.output", "width": 65536, "architecture": "jump_relu", "l0": 60,
+"affine_connection": false, "type": "sae"}``).
 
 Like Gemma Scope 1 the parameters are standardized (Appendix A); saving standardizes first.
 Folders in the release are ``<site>/layer_<L>_width_<W>_l0_<small|medium|big>``; transcoders live under
@@ -20,6 +24,7 @@ output hook point other than its input one, a ``w_dec`` of another width than ``
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -88,9 +93,13 @@ def save_gemma_scope_2(sae: JumpReLUSAE, folder: Path) -> Path:
     tensors = {KEYS[name]: t.contiguous().cpu() for name, t in sae.state_tensors().items()}
     save_file(tensors, str(folder / PARAMS_FILE))
     hook_in, hook_out = hook_points(c)
-    config = {"architecture": "jump_relu", "model_name": c.model, "hf_hook_point_in": hook_in,
-              "hf_hook_point_out": hook_out, "affine_connection": c.architecture == "jumprelu_skip_transcoder",
-              "width": c.d_sae, "saescope_version": __version__, "saescope_config": c.model_dump(mode="json")}
+    config = {"architecture": "jump_relu", "type": "transcoder" if c.is_transcoder else "sae",
+              "model_name": c.model, "hf_hook_point_in": hook_in, "hf_hook_point_out": hook_out,
+              "affine_connection": c.architecture == "jumprelu_skip_transcoder", "width": c.d_sae}
+    l0 = c.training.get("target_l0", c.training.get("final_l0"))
+    if isinstance(l0, (int, float)) and math.isfinite(l0):
+        config["l0"] = round(l0)
+    config.update({"saescope_version": __version__, "saescope_config": c.model_dump(mode="json")})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -111,6 +120,7 @@ def load_gemma_scope_2(folder: Path, *, expect_d_in: int | None = None,
         and w_enc.shape[0] != w_dec.shape[1]
     site_folder = folder.parent.name.lower()
     transcoder = (KEYS["W_skip"] in tensors or bool(cfg.get("affine_connection")) or wider
+                  or cfg.get("type") == "transcoder"
                   or bool(hook_out and hook_in and hook_out != hook_in)
                   or site_folder.startswith(TRANSCODER_SITE) or site_folder.startswith("clt"))
     params = check_parameters(path, tensors, KEYS, expect_d_in=expect_d_in, transcoder=transcoder)
