@@ -149,3 +149,51 @@ def test_config_architecture_and_d_out_are_validated():
         JumpReLUTranscoder(4, 8, config=cfg)
     tc = JumpReLUTranscoder(4, 8, config=cfg, skip=True)
     assert tc.d_out == 3 and tuple(tc.W_skip.shape) == (4, 3)
+
+
+def test_evaluator_splices_the_skip_transcoder_output_into_a_tiny_gemma3():
+    """End to end: the evaluator's spliced loss for a skip transcoder equals a full forward pass with
+    ``forward(mlp_in)`` written over ``mlp_out`` (read with a plain torch hook on the folded model)."""
+    import transformers
+
+    from saescope.evaluate.suite import EvalBatch, evaluate_saes
+    from saescope.folding import fold_mlp_in_norm
+    from saescope.splice import run_with_splice
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                        max_position_embeddings=32, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention"])
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    fold_mlp_in_norm(model)            # the evaluator folds too (same outputs); folding twice is refused
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[:, 0] = False
+    seen = []
+    handle = model.model.layers[1].pre_feedforward_layernorm.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    x_in = seen[0]
+    C = float(x_in[mask].pow(2).sum(-1).mean().sqrt())
+    tc = JumpReLUTranscoder(16, 40, C, skip=True, seed=3, site="mlp_in", layer=1)
+    with torch.no_grad():
+        tc.W_skip.copy_(torch.randn(16, 16, generator=g) * 0.3)
+        tc.b_dec.copy_(torch.randn(16, generator=g) * 0.1)
+        tc.threshold.fill_(0.02)
+    with torch.no_grad():
+        y_hat = tc(x_in)
+        no_skip = tc.decode(tc.encode(x_in), torch.zeros_like(x_in))
+    counted = mask[:, :-1]
+
+    def reference(replacement):
+        out = run_with_splice(model, ids, "mlp_out/layer_1", lambda a: replacement, splice_mask=mask)
+        return float(out.loss_per_token[counted].double().mean())
+
+    [result] = evaluate_saes(model, {"tc": tc}, [EvalBatch("d", ids, mask)], uniformity_tokens=0, progress=False)
+    assert result["kind"] == "transcoder"
+    assert result["metrics"]["spliced_loss"] == pytest.approx(reference(y_hat), abs=1e-5)
+    assert abs(reference(no_skip) - reference(y_hat)) > 1e-3      # the skip term changed the loss
