@@ -25,8 +25,11 @@ DEFAULT_TARGET_L0_LAMBDA = 1.0
 """λ of the target-L0 penalty when a spec gives ``target_l0`` without ``sparsity_coefficient``, per unit of the
 mean squared norm of the normalized target (the trainer multiplies it by ``E‖t‖²`` on the first batch: ≈ 1 for an
 SAE, whose input is normalized to ``E‖x‖² = 1``, and ≈ 2,500 for a Gemma 3 transcoder, whose ``mlp_out`` target
-is divided by the input's C). Chosen by measurement on Gemma 3 270M ``resid_post/layer_6``
-(``/tmp/s9/train/lambda_sweep.py``; see the report of issue 9): larger values hold L0 nearer the target."""
+is divided by the input's C). Chosen by measurement on Gemma 3 270M ``resid_post/layer_6`` (width 4096, target
+60, 1.05M Shakespeare tokens, the short-budget preset): λ = 0.1 / 1 / 10 ended at L0 62.4 / 61.3 / 62.0 with
+training FVU 0.061 / 0.057 / 0.060 and 48% / 45% / 47% dead latents — the mean L0 is held near the target over
+two decades of λ (the penalty's L0-gradient ``4λ(L0 − L0_t)/L0_t`` dwarfs the reconstruction's value of one
+latent, ~1e-3), and λ = 1 (also SAELens's default coefficient) gave the best FVU."""
 
 MATRYOSHKA_DEFAULT_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
 """Default Matryoshka prefixes as fractions of the width (a doubling ladder, equal weights). The Gemma Scope 2
