@@ -30,7 +30,8 @@ class Adam:
         self.t = 0
         self.exp_avg = {name: torch.zeros_like(p) for name, p in params.items()}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in params.items()}
-        self._steps = {name: torch.zeros((), dtype=torch.float32) for name in params}
+        # the fused kernel wants its step counters on the parameters' device (a CPU counter fails on CUDA)
+        self._steps = {name: torch.zeros((), dtype=torch.float32, device=p.device) for name, p in params.items()}
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor], lr: float) -> None:
