@@ -292,3 +292,81 @@ def test_bad_loss_options_are_rejected():
         _fast(sae, x_raw, 0.3, 0.05, target_l0=0.0)
     with pytest.raises(ValueError, match="last matryoshka prefix"):
         _fast(sae, x_raw, 0.3, 0.05, matryoshka_prefixes=[10, 50])
+
+
+# ---------------------------------------------------------------------- the speed tricks keep the results
+
+
+@pytest.mark.parametrize("density", [0.0, 0.004, 0.05, 0.4, 1.0])
+@pytest.mark.parametrize("length", [8 * 1000, 8 * 1000 + 3])
+def test_flat_nonzero_matches_torch_nonzero(density, length):
+    from saescope.train.fast_path import _flat_nonzero
+
+    g = torch.Generator().manual_seed(int(density * 1000) + length)
+    mask = torch.rand(length, generator=g) < density
+    mask[8:16] = True                     # one word with eight true entries, and
+    mask[40] = mask[47] = True            # one with its first and last byte
+    mask[-1] = True
+    expected = torch.nonzero(mask).squeeze(1)
+    assert torch.equal(_flat_nonzero(mask), expected)
+    assert torch.equal(_flat_nonzero(mask[8:]), torch.nonzero(mask[8:]).squeeze(1))   # a view at an offset
+
+
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.02, 0.5])
+@pytest.mark.parametrize(("batch", "group"), [(64, 8), (67, 8), (5, 8), (64, 1)])
+def test_candidates_equal_plain_compare(monkeypatch, density, batch, group):
+    """The grouped candidate search finds exactly the entries of ``xw > lower``, in row-major order (groups
+    of tokens, left-over rows, the dense fall-back)."""
+    from saescope.train import fast_path
+    from saescope.train.fast_path import _candidates
+
+    g = torch.Generator().manual_seed(batch + group + int(density * 1000))
+    xw = torch.randn(batch, 200, generator=g)
+    lower = torch.quantile(xw, 1 - density, dim=0) if density else torch.full((200,), 100.0)
+    lower = lower + 0.01 * torch.randn(200, generator=g)
+    xw[::2, 7] = lower[7]                  # ties are not candidates (strict >)
+    xw[1::3, 8] = torch.nextafter(lower[8], torch.tensor(float("inf")))
+    expected = torch.nonzero((xw > lower).view(-1)).squeeze(1)
+    assert density == 0.0 or len(expected) > 0
+    assert torch.equal(_candidates(xw, lower, group), expected)
+    monkeypatch.setattr(fast_path, "GROUPED_UP_TO", 1.0)     # never falls back to the plain compare
+    assert torch.equal(_candidates(xw, lower, group), expected)
+
+
+@pytest.mark.parametrize("group", [2, 7, 64])
+@pytest.mark.parametrize("options", [{}, {"matryoshka_prefixes": [17, 50, 96], "target_l0": 30.0}])
+def test_sparse_step_with_token_groups_equals_plain_search(monkeypatch, group, options):
+    """The step is the same, bit for bit, whatever the token group of the candidate search."""
+    from saescope.train import fast_path
+
+    sae, x_raw = _spread_sae(torch.float32, True)
+    monkeypatch.setattr(fast_path, "TOKEN_GROUP", 1)
+    plain = _fast(sae, x_raw, 0.3, 0.05, **options)
+    monkeypatch.setattr(fast_path, "TOKEN_GROUP", group)
+    monkeypatch.setattr(fast_path, "GROUPED_UP_TO", 1.0)     # grouped even at this test's density
+    calls = []
+    amax = torch.amax
+    monkeypatch.setattr(torch, "amax", lambda *a, **k: calls.append(1) or amax(*a, **k))
+    grouped = _fast(sae, x_raw, 0.3, 0.05, **options)
+    assert calls                                             # the grouped search ran
+    dense = dense_training_step(sae, x_raw, 0.3, **options)
+    _assert_same(grouped, dense, 1e-4, 2e-5)
+    assert grouped.loss == plain.loss
+    for name in PARAMS:
+        assert torch.equal(grouped.grads[name], plain.grads[name]), name
+
+
+def test_sparse_step_restores_the_thread_count():
+    """The step runs its small ops on one thread; the caller's thread count is back afterwards, also after
+    an error."""
+    sae, x_raw = _spread_sae(torch.float64, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _fast(sae, x_raw, 0.3, 0.05)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            _fast(sae, x_raw, 0.3, 0.05, matryoshka_prefixes=[10, 50])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

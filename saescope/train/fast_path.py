@@ -25,14 +25,23 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from saescope.sae.losses import check_prefixes
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
+TOKEN_GROUP = 8    # tokens per group in the CPU candidate search (_candidates)
+GROUPED_UP_TO = 1 / 8   # ... used while the cells it must check hold at most this fraction of the entries
+# CPU threading (_Threads): the kinds of op run on all of torch's threads; the rest run on one.
+# "product": the encoder product and the other dense matrix products; "scan": the candidate search over the
+# product; "sparse": the bag-sums and the sampled product. Chosen by benchmarks/train_step_speed.py.
+PARALLEL_OPS: frozenset[str] = frozenset({"product"})
 
 
 def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -41,7 +50,7 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device)
     key = (shape, dtype, device)
     buf = _WORKSPACE.get(key)
     if buf is None:
-        if len(_WORKSPACE) >= 4:
+        if len(_WORKSPACE) >= 8:
             _WORKSPACE.clear()
         buf = _WORKSPACE[key] = torch.empty(shape, dtype=dtype, device=device)
     return buf
@@ -52,15 +61,93 @@ def clear_workspace() -> None:
     _WORKSPACE.clear()
 
 
+class _Threads:
+    """On the CPU the step's many small bookkeeping ops (a few hundred thousand pairs each) run on one thread,
+    and only the kinds of op listed in ``PARALLEL_OPS`` (``with threads.all(kind):``) on all of torch's
+    threads. A parallel op waits at a barrier for every thread; on a loaded machine that wait (a scheduler
+    time slice) costs more than the small op itself (measured with benchmarks/train_step_speed.py)."""
+
+    def __init__(self, device: torch.device):
+        self.count = torch.get_num_threads()
+        self.switch = device.type == "cpu" and self.count > 1
+
+    def __enter__(self) -> _Threads:
+        if self.switch:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.switch:
+            torch.set_num_threads(self.count)
+
+    @contextmanager
+    def all(self, kind: str):
+        if not self.switch or kind not in PARALLEL_OPS:
+            yield
+            return
+        torch.set_num_threads(self.count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+
+
+_NO_SWITCH = SimpleNamespace(all=nullcontext)
+
+
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the true entries of a flat bool tensor, ascending. Sparse masks are scanned 8 bytes at a time
-    (as int64 words), then only the words holding a true entry are expanded: about half the time of a plain
-    ``nonzero`` over 67M entries."""
-    if mask.numel() % 8 or mask.storage_offset() % 8:
+    """Indices of the true entries of a flat bool tensor, ascending. On the CPU a sparse mask is scanned
+    8 bytes at a time (as int64 words), then only the words holding a true entry are expanded: about half
+    the time of a plain ``nonzero``. Elsewhere (CUDA) it is a plain ``torch.nonzero``."""
+    if mask.device.type != "cpu" or mask.numel() % 8 or mask.storage_offset() % 8:
         return torch.nonzero(mask).squeeze(1)
     words = torch.nonzero(mask.view(torch.int64)).squeeze(1)
-    index = (words.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).view(-1)
+    index = (words.unsqueeze(1) * 8 + torch.arange(8)).view(-1)
     return index[mask[index]]
+
+
+def _candidates(xw: torch.Tensor, lower: torch.Tensor, group: int, threads=_NO_SWITCH) -> torch.Tensor:
+    """Flat row-major indices ``b·d_sae + i`` (ascending) of the entries with ``xw_bi > lower_i``.
+
+    A plain compare writes a ``[B, d_sae]`` mask and ``nonzero`` reads it back: two more passes over the
+    product, and torch's float→bool compare is slow. On the CPU the product is instead read once by an
+    elementwise maximum over groups of ``group`` consecutive tokens; only the (group, latent) cells whose
+    maximum passes ``lower_i`` are then compared token by token (a few per cent of the entries at training
+    sparsity). The result is exactly that of the plain compare. Dense cases (and CUDA) take the plain path.
+    """
+    B, d_sae = xw.shape
+    n_groups = B // group if xw.device.type == "cpu" and group > 1 else 0
+    if n_groups == 0:
+        with threads.all("scan"):
+            mask = torch.gt(xw, lower, out=_workspace((B, d_sae), torch.bool, xw.device))
+            return _flat_nonzero(mask.view(-1))
+    grouped = xw[:n_groups * group].view(n_groups, group, d_sae)
+    with threads.all("scan"):
+        peak = torch.amax(grouped, dim=1, out=_workspace((n_groups, d_sae), xw.dtype, xw.device))
+        hit = torch.nonzero(torch.gt(peak, lower, out=_workspace((n_groups, d_sae), torch.bool, xw.device))
+                            .view(-1)).squeeze(1)       # a few per cent true: the plain nonzero is faster
+    if len(hit) * group > GROUPED_UP_TO * B * d_sae:  # not sparse: the plain compare is cheaper
+        return _candidates(xw, lower, 1, threads)
+    cell_group = torch.div(hit, d_sae, rounding_mode="floor")
+    cell_latent = hit - cell_group * d_sae
+    values = grouped[cell_group, :, cell_latent]      # [cells, group]: the group's tokens at that latent
+    which, token = torch.nonzero(values > lower[cell_latent].unsqueeze(1), as_tuple=True)
+    flat = (cell_group[which] * group + token) * d_sae + cell_latent[which]
+    flat = torch.from_numpy(np.sort(flat.numpy()))    # row-major order (NumPy's sort: see _latent_major_order)
+    if n_groups * group < B:                          # the rows left over after the last full group
+        rest = _candidates(xw[n_groups * group:], lower, 1, threads) + n_groups * group * d_sae
+        flat = torch.cat([flat, rest])
+    return flat
+
+
+def _latent_major_order(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> torch.Tensor:
+    """The permutation that groups the pairs by latent, tokens ascending within a latent (what a stable sort
+    of ``cols`` gives). The key ``cols·B + rows`` is unique, so any sort gives that order; on the CPU NumPy's
+    sort of it is tens of times faster than ``torch.argsort``."""
+    key = cols * batch + rows
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.argsort(key.numpy()))
+    return torch.argsort(key)
 
 
 @dataclass
@@ -110,6 +197,15 @@ def sparse_training_step(
       the normalized input (never minus ``b_dec``); the skip term is in every Matryoshka prefix, like
       ``b_dec``; ``grads["W_skip"] = xᵀ ∂L/∂x̂``.
     """
+    with _Threads(x.device) as threads:
+        return _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
+                            apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
+                            threads)
+
+
+def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
+                 apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
+                 threads) -> StepResult:
     if target is None:
         target = x
     B, _d_in = x.shape
@@ -124,13 +220,13 @@ def sparse_training_step(
 
     # The one dense product, then every (token, latent) pair that may be active or in the window.
     # (b_enc is added after the product, as in the dense ``x @ W_enc + b_enc``: z_bi = (xW)_bi + b_enc,i.)
-    xw = torch.mm(xc, W_enc, out=_workspace((B, d_sae), W_enc.dtype, W_enc.device))
-    wide = torch.promote_types(xw.dtype, threshold.dtype)
+    wide = torch.promote_types(W_enc.dtype, threshold.dtype)
     # generous pre-filter z − θ > −ε (a superset of the window and of the active pairs); the pairs it lets
     # through that are neither active nor in the window get weight 0 below
-    lower = (threshold.to(wide) - eps - b_enc.to(wide)).to(xw.dtype)
-    mask = torch.gt(xw, lower, out=_workspace((B, d_sae), torch.bool, W_enc.device))
-    flat = _flat_nonzero(mask.view(-1))                     # row-major: sorted by token, then latent
+    lower = (threshold.to(wide) - eps - b_enc.to(wide)).to(W_enc.dtype)
+    with threads.all("product"):
+        xw = torch.mm(xc, W_enc, out=_workspace((B, d_sae), W_enc.dtype, W_enc.device))
+    flat = _candidates(xw, lower, TOKEN_GROUP, threads)    # row-major: sorted by token, then latent
     rows = torch.div(flat, d_sae, rounding_mode="floor")
     cols = flat - rows * d_sae
     zv = xw.view(-1)[flat] + b_enc[cols]
@@ -152,12 +248,14 @@ def sparse_training_step(
     bag_counts = torch.bincount(bags, minlength=n_bags)
 
     # Decoder: x̂_b = Σ_i f_bi W_dec[i] + b_dec (+ x_b W_skip), a weighted bag of decoder rows per bag.
-    partial = F.embedding_bag(cols, W_dec, _offsets(bag_counts), mode="sum", per_sample_weights=f)
+    with threads.all("sparse"):
+        partial = F.embedding_bag(cols, W_dec, _offsets(bag_counts), mode="sum", per_sample_weights=f)
     if n_blocks == 1:
         x_hat = partial
         x_hat += b_dec
         if W_skip is not None:
-            x_hat.addmm_(x, W_skip)
+            with threads.all("product"):
+                x_hat.addmm_(x, W_skip)
         residual = x_hat.sub_(target)                       # x̂ − t (x_hat is not needed any more)
         reconstruction = residual.pow(2).sum(dim=1)
         full_reconstruction = reconstruction
@@ -166,7 +264,8 @@ def sparse_training_step(
     else:
         base = b_dec - target                               # what every prefix adds besides its latents
         if W_skip is not None:
-            base = base.addmm(x, W_skip)
+            with threads.all("product"):
+                base = base.addmm(x, W_skip)
         residual = partial.view(B, n_blocks, -1).cumsum(dim=1).add_(base.unsqueeze(1))   # x̂_k − t
         squared = residual.pow(2).sum(dim=2)                # [B, K]
         w = torch.tensor(weights, dtype=squared.dtype, device=x.device)
@@ -184,10 +283,11 @@ def sparse_training_step(
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=W_dec.dtype, device=x.device),
                                           (n_bags, d_sae), check_invariants=False)
-    g_f = torch.sparse.sampled_addmm(pattern, g_bags, W_dec.t(), beta=0.0).values()
+    with threads.all("sparse"):
+        g_f = torch.sparse.sampled_addmm(pattern, g_bags, W_dec.t(), beta=0.0).values()
 
     # L0 per token (forward count), then θ: both STE terms, window pairs only.
-    l0_counts = torch.bincount(rows[active], minlength=B)
+    l0_counts = torch.zeros(B, dtype=torch.int64, device=x.device).index_add_(0, rows, active.to(torch.int64))
     if target_l0 is None:
         penalty = l0_counts.to(reconstruction.dtype)
         g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - (lam / B) / eps) * window
@@ -201,24 +301,26 @@ def sparse_training_step(
     # Encoder / decoder weights: bag-sums grouped by latent (weights 0 where the latent did not fire).
     g_z = g_f * active
     grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=x.device).index_add_(0, cols, g_z)
-    order = torch.argsort(cols, stable=True)
+    order = _latent_major_order(rows, cols, B)
     by_latent = _offsets(torch.bincount(cols, minlength=d_sae))
     tokens = rows[order]
-    grad_W_dec = F.embedding_bag(bags[order] if n_blocks > 1 else tokens, g_bags, by_latent, mode="sum",
-                                 per_sample_weights=f[order])
-    grad_W_enc = F.embedding_bag(tokens, xc, by_latent, mode="sum", per_sample_weights=g_z[order]).t()
+    bag_of_pair, f_by_latent, g_z_by_latent = bags[order] if n_blocks > 1 else tokens, f[order], g_z[order]
+    with threads.all("sparse"):
+        grad_W_dec = F.embedding_bag(bag_of_pair, g_bags, by_latent, mode="sum", per_sample_weights=f_by_latent)
+        grad_W_enc = F.embedding_bag(tokens, xc, by_latent, mode="sum", per_sample_weights=g_z_by_latent).t()
     grad_b_dec = g_xhat.sum(dim=0)
     if apply_b_dec_to_input:
-        grad_b_dec -= W_enc @ grad_b_enc
+        with threads.all("product"):
+            grad_b_dec -= W_enc @ grad_b_enc
     grads = {"W_enc": grad_W_enc, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
              "threshold": grad_threshold.to(threshold.dtype)}
     if W_skip is not None:
-        grads["W_skip"] = x.t() @ g_xhat
+        with threads.all("product"):
+            grads["W_skip"] = x.t() @ g_xhat
 
     loss = (reconstruction + lam * penalty).mean()
     centred = target - target.mean(dim=0)
-    fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
-    fired[cols[active]] = True
+    fired = torch.zeros(d_sae, dtype=torch.int64, device=x.device).index_add_(0, cols, active.to(torch.int64)) > 0
     return StepResult(
         loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
         total_variance=float(centred.pow(2).sum()), fired=fired, grads=grads,
