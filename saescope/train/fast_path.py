@@ -50,7 +50,7 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device)
     key = (shape, dtype, device)
     buf = _WORKSPACE.get(key)
     if buf is None:
-        if len(_WORKSPACE) >= 8:
+        if len(_WORKSPACE) >= 16:
             _WORKSPACE.clear()
         buf = _WORKSPACE[key] = torch.empty(shape, dtype=dtype, device=device)
     return buf
