@@ -192,6 +192,13 @@ class TrainConfig(BaseModel):
         None, gt=0, lt=1, description="not in the recipe, for short budgets: start each θ_i at this quantile of "
         "its pre-activations on the first batch (at least initial_threshold), so every latent starts firing on "
         "a few tokens and L0 starts small; None: θ = initial_threshold (the recipe)")
+    initial_exclude_top_pcs: int = Field(
+        0, ge=0, description="not in the recipe, for short budgets: remove the first batch's top principal "
+        "directions (of the centered normalized input) from every latent's initial encoder direction (and, for an "
+        "SAE, its tied decoder direction). Models with massive activations (Gemma 3: one residual dimension holds "
+        "~88% of the variance) otherwise make every random latent read mostly that one dimension, so latents fire "
+        "together on the same tokens, over-reconstruct it together and die together. Training can still move "
+        "latents onto those directions. 0: the recipe's plain random directions")
     threshold_parameterization: Literal["log", "direct"] = Field(
         "log", description="train log θ (JumpReLU paper) or θ directly (clamped > 0)")
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
@@ -250,6 +257,8 @@ class TrainConfig(BaseModel):
         """
         payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
         payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
+        if payload.get("initial_exclude_top_pcs") == 0:    # added later: at its default, fingerprints stay as before
+            payload.pop("initial_exclude_top_pcs")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ construction helpers

@@ -547,7 +547,7 @@ class Trainer:
             if self.parallel is None or self.parallel.is_main:
                 (self.out_dir / "config.toml").write_text(config.to_toml())
             if (config.initial_threshold_quantile is not None or config.initial_b_dec != "zeros"
-                    or any(unit.lambda_base is None for unit in self.units)):
+                    or config.initial_exclude_top_pcs or any(unit.lambda_base is None for unit in self.units)):
                 self._init_from_first_batch()
         total = config.total_steps
         self._open_loggers()
@@ -601,9 +601,11 @@ class Trainer:
 
     @torch.no_grad()
     def _init_from_first_batch(self) -> None:
-        """Short-budget initialisation from the first batch (which is then trained on): ``b_dec`` ← mean of the
-        normalized target (``initial_b_dec="mean"``), then θ_i ← max(initial_threshold, q-quantile of z_i)
-        (``initial_threshold_quantile=q``). A ``target_l0`` SAE without λ gets
+        """Short-budget initialisation from the first batch (which is then trained on): the top
+        ``initial_exclude_top_pcs`` principal directions of the centered normalized input projected out of each
+        latent's encoder direction (re-normalized; an SAE's decoder stays tied, ``W_dec = W_encᵀ``), ``b_dec`` ←
+        mean of the normalized target (``initial_b_dec="mean"``), then θ_i ← max(initial_threshold, q-quantile
+        of z_i) (``initial_threshold_quantile=q``). A ``target_l0`` SAE without λ gets
         ``λ = DEFAULT_TARGET_L0_LAMBDA · mean_b ‖t_b‖²`` (t the normalized target: ≈ 1 for an SAE, ≈ 2,500 for a
         Gemma 3 transcoder), so the penalty keeps the same weight against the reconstruction error."""
         batch = self._pending_batch if self._pending_batch is not None else self._pull_pending()
@@ -614,6 +616,8 @@ class Trainer:
         for unit in self.units:
             m = unit.module
             x_raw = batch[unit.spec.site].to(self.config.device)
+            if self.config.initial_exclude_top_pcs:
+                _exclude_top_pcs(unit, m.normalize(x_raw), self.config.initial_exclude_top_pcs)
             if unit.lambda_base is None:
                 target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
                           if unit.spec.target_site else m.normalize(x_raw))
@@ -689,6 +693,25 @@ class Trainer:
         (self.out_dir / "suite").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "suite" / "training_summary.json").write_text(json.dumps(summary_rows, indent=2) + "\n")
         return out
+
+
+@torch.no_grad()
+def _exclude_top_pcs(unit: _Unit, x: torch.Tensor, k: int) -> None:
+    """Project the top ``k`` principal directions of ``x`` (centered, float64) out of the unit's encoder
+    directions (columns of ``W_enc``), re-normalize them, and re-tie an SAE's decoder (``W_dec = W_encᵀ``)."""
+    m = unit.module
+    d_in = x.shape[1]
+    if k >= min(d_in, x.shape[0]):
+        raise SaescopeError(f"initial_exclude_top_pcs={k} must be below the input width {d_in} and the batch size "
+                            f"{x.shape[0]}; use a small number such as 1")
+    x64 = x.to(torch.float64)
+    top = torch.linalg.svd(x64 - x64.mean(dim=0), full_matrices=False).Vh[:k]      # [k, d_in]
+    w = m.W_enc.detach().to(torch.float64)
+    w = w - top.T @ (top @ w)
+    w = w / w.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    m.W_enc.copy_(w.to(m.W_enc.dtype))            # writes through to the contiguous W_enc_t buffer
+    if unit.spec.kind == "sae":
+        m.W_dec.copy_(w.t().to(m.W_dec.dtype))
 
 
 def train(config: TrainConfig, source: Iterable[dict[str, torch.Tensor]], norm_scales: dict[str, float],
