@@ -370,3 +370,17 @@ def test_sparse_step_restores_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_latent_major_order_is_the_stable_sort_of_the_latents():
+    """NumPy's sort of the unique key (CPU) and torch's argsort of it (the CUDA path) both give the order a
+    stable sort of the latent indices gives."""
+    from saescope.train.fast_path import _latent_major_order
+
+    g = torch.Generator().manual_seed(11)
+    B, d_sae = 50, 300
+    flat = torch.nonzero((torch.rand(B, d_sae, generator=g) < 0.05).view(-1)).squeeze(1)
+    rows, cols = flat // d_sae, flat % d_sae
+    expected = torch.argsort(cols, stable=True)
+    assert torch.equal(_latent_major_order(rows, cols, B), expected)
+    assert torch.equal(torch.argsort(cols * B + rows), expected)

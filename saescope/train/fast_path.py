@@ -19,6 +19,13 @@ Gemma Scope 2's options (recipe §6) keep that shape: the quadratic target-L0 pe
 sparsity term's θ-gradient per token; Matryoshka prefixes bag the pairs by (token, block of latents)
 instead of by token; a skip transcoder's ``x W_skip`` adds one small ``[B, d_in] × [d_in, d_out]`` product.
 See :func:`sparse_training_step`.
+
+On the CPU (the ``[4096, 16384]`` product is 268 MB, far larger than the caches) three more things keep
+the step close to the product alone, without changing its result by a bit: the candidate pairs are found
+with one elementwise-maximum pass over groups of tokens instead of a compare pass and a ``nonzero`` pass
+(:func:`_candidates`); the latent-major order comes from NumPy's sort of a unique key instead of
+``torch.argsort`` (:func:`_latent_major_order`); and the small bookkeeping ops run on one thread
+(:class:`_Threads`). On CUDA the step is the plain compare, ``nonzero`` and ``argsort``.
 """
 
 from __future__ import annotations
