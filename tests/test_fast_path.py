@@ -384,3 +384,23 @@ def test_latent_major_order_is_the_stable_sort_of_the_latents():
     expected = torch.argsort(cols, stable=True)
     assert torch.equal(_latent_major_order(rows, cols, B), expected)
     assert torch.equal(torch.argsort(cols * B + rows), expected)
+
+
+@pytest.mark.parametrize(("dtype", "rtol", "atol"), TOLERANCES)
+@pytest.mark.parametrize("target_l0", [None, 20.0])
+def test_sparse_step_equals_dense_skip_transcoder(dtype, rtol, atol, target_l0):
+    """The skip transcoder module (Gemma Scope 2) itself: its dense step (W_skip among the gradients) against
+    the sparse step given its W_skip."""
+    bandwidth = 0.05
+    tc = JumpReLUTranscoder(16, 80, norm_scale=4.0, d_out=12, skip=True, dtype=dtype, seed=6, bandwidth=bandwidth)
+    gen = torch.Generator().manual_seed(7)
+    x_raw = torch.randn(250, 16, generator=gen, dtype=dtype) * 4
+    y_raw = torch.randn(250, 12, generator=gen, dtype=dtype) * 2
+    _spread(tc, x_raw, bandwidth, seed=8)
+    with torch.no_grad():
+        tc.W_skip.copy_(torch.randn(16, 12, generator=gen, dtype=torch.float64).to(dtype) * 0.3)
+    assert min(_pairs(tc, x_raw, bandwidth).values()) >= 20
+    dense = dense_training_step(tc, x_raw, 0.2, y_raw, target_l0=target_l0)
+    assert set(dense.grads) == {*PARAMS, "W_skip"}
+    fast = _fast(tc, x_raw, 0.2, bandwidth, y_raw, target_l0=target_l0, W_skip=tc.W_skip.detach())
+    _assert_same(fast, dense, rtol, atol, names=(*PARAMS, "W_skip"))
