@@ -283,15 +283,26 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
         g_xhat = g_bags[:, 0]                               # Σ_k ∂L/∂x̂_k: reaches b_dec and W_skip
         g_bags = g_bags.reshape(n_bags, -1)
 
-    # g_f = g_x̂ W_decᵀ at the candidate pairs only (a CSR pattern over the bags: they are sorted).
-    crow = torch.zeros(n_bags + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(bag_counts, dim=0, out=crow[1:])
+    # The pairs grouped by latent (tokens ascending within a latent), for g_f and the weight gradients.
+    order = _latent_major_order(rows, cols, B)
+    latent_counts = torch.bincount(cols, minlength=d_sae)
+    tokens = rows[order]
+    bag_of_pair = bags[order] if n_blocks > 1 else tokens
+
+    # g_f = g_x̂ W_decᵀ at the candidate pairs only: a sampled product over a latent-major CSR pattern (each
+    # decoder row is read once and meets its latent's tokens; faster than the token-major pattern), then
+    # put back in pair order.
+    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(latent_counts, dim=0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=W_dec.dtype, device=x.device),
-                                          (n_bags, d_sae), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(crow, bag_of_pair,
+                                          torch.zeros(len(cols), dtype=W_dec.dtype, device=x.device),
+                                          (d_sae, n_bags), check_invariants=False)
     with threads.all("sparse"):
-        g_f = torch.sparse.sampled_addmm(pattern, g_bags, W_dec.t(), beta=0.0).values()
+        g_f_by_latent = torch.sparse.sampled_addmm(pattern, W_dec, g_bags.t(), beta=0.0).values()
+    g_f = torch.empty_like(g_f_by_latent)
+    g_f[order] = g_f_by_latent
 
     # L0 per token (forward count), then θ: both STE terms, window pairs only.
     l0_counts = torch.zeros(B, dtype=torch.int64, device=x.device).index_add_(0, rows, active.to(torch.int64))
@@ -308,10 +319,8 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
     # Encoder / decoder weights: bag-sums grouped by latent (weights 0 where the latent did not fire).
     g_z = g_f * active
     grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=x.device).index_add_(0, cols, g_z)
-    order = _latent_major_order(rows, cols, B)
-    by_latent = _offsets(torch.bincount(cols, minlength=d_sae))
-    tokens = rows[order]
-    bag_of_pair, f_by_latent, g_z_by_latent = bags[order] if n_blocks > 1 else tokens, f[order], g_z[order]
+    by_latent = crow[:-1]
+    f_by_latent, g_z_by_latent = f[order], g_z[order]
     with threads.all("sparse"):
         grad_W_dec = F.embedding_bag(bag_of_pair, g_bags, by_latent, mode="sum", per_sample_weights=f_by_latent)
         grad_W_enc = F.embedding_bag(tokens, xc, by_latent, mode="sum", per_sample_weights=g_z_by_latent).t()
