@@ -234,3 +234,27 @@ def test_skip_and_plain_transcoder_get_their_own_suite_folders(tmp_path):
     a, b = folders[SKIP.name], folders[NO_SKIP.name]
     assert a.name == "average_l0_5" and b.name == "average_l0_5_2"
     assert a.parent == b.parent == tmp_path / "run" / "suite" / "transcoder" / "layer_1" / "width_32"
+
+
+def test_least_squares_initial_W_skip_matches_numpy(tmp_path):
+    """initial_W_skip='least_squares': W_skip and b_dec are the affine least-squares fit of the first batch's
+    normalized target on its normalized input (numpy lstsq with an intercept column as the reference)."""
+    import numpy as np
+
+    acts = _acts()
+    cfg = _config(tmp_path / "run", [SKIP, NO_SKIP], initial_W_skip="least_squares", initial_b_dec="mean")
+    trainer = _run(cfg, acts, max_steps=0)
+    first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))
+    c = TensorBatchSource(acts, 128).norm_scale("mlp_in/layer_1")
+    x = first["mlp_in/layer_1"].double().numpy() / c
+    y = first["mlp_out/layer_1"].double().numpy() / c
+    solution = np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1))]), y, rcond=None)[0]
+    skip_unit, plain_unit = trainer.units
+    np.testing.assert_allclose(skip_unit.W_skip.numpy(), solution[:-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(skip_unit.module.b_dec.numpy(), solution[-1], rtol=1e-4, atol=1e-4)
+    assert plain_unit.W_skip is None                      # the plain transcoder keeps b_dec = mean of the target
+    np.testing.assert_allclose(plain_unit.module.b_dec.numpy(), y.mean(axis=0), rtol=1e-5, atol=1e-5)
+    # the default stays the Gemma Scope 2 zero init and the old fingerprint
+    zeros = _run(_config(tmp_path / "zeros", [SKIP]), acts, max_steps=0)
+    assert not zeros.units[0].W_skip.any()
+    assert cfg.fingerprint() != cfg.model_copy(update={"initial_W_skip": "zeros"}).fingerprint()

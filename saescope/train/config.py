@@ -199,6 +199,12 @@ class TrainConfig(BaseModel):
         "~88% of the variance) otherwise make every random latent read mostly that one dimension, so latents fire "
         "together on the same tokens, over-reconstruct it together and die together. Training can still move "
         "latents onto those directions. 0: the recipe's plain random directions")
+    initial_W_skip: Literal["zeros", "least_squares"] = Field(
+        "zeros", description="skip transcoders' W_skip at initialisation: zeros (Gemma Scope 2) or, for short "
+        "budgets (not in the recipe), the least-squares linear map from the first batch's normalized input to its "
+        "normalized target (b_dec then takes the rest of the target's mean when initial_b_dec = 'mean'). Adam moves "
+        "each entry by about lr per step, and on Gemma 3 the map's entries are O(1): a zero W_skip cannot get there "
+        "in a few hundred steps")
     threshold_parameterization: Literal["log", "direct"] = Field(
         "log", description="train log θ (JumpReLU paper) or θ directly (clamped > 0)")
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
@@ -257,6 +263,8 @@ class TrainConfig(BaseModel):
         """
         payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
         payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
+        if payload.get("initial_W_skip") == "zeros":     # added later: the default keeps old fingerprints
+            payload.pop("initial_W_skip")
         if payload.get("initial_exclude_top_pcs") == 0:    # added later: at its default, fingerprints stay as before
             payload.pop("initial_exclude_top_pcs")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

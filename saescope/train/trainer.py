@@ -547,7 +547,8 @@ class Trainer:
             if self.parallel is None or self.parallel.is_main:
                 (self.out_dir / "config.toml").write_text(config.to_toml())
             if (config.initial_threshold_quantile is not None or config.initial_b_dec != "zeros"
-                    or config.initial_exclude_top_pcs or any(unit.lambda_base is None for unit in self.units)):
+                    or config.initial_exclude_top_pcs or any(unit.lambda_base is None for unit in self.units)
+                    or (config.initial_W_skip != "zeros" and any(u.W_skip is not None for u in self.units))):
                 self._init_from_first_batch()
         total = config.total_steps
         self._open_loggers()
@@ -605,7 +606,9 @@ class Trainer:
         ``initial_exclude_top_pcs`` principal directions of the centered normalized input projected out of each
         latent's encoder direction (re-normalized; an SAE's decoder stays tied, ``W_dec = W_encᵀ``), ``b_dec`` ←
         mean of the normalized target (``initial_b_dec="mean"``), then θ_i ← max(initial_threshold, q-quantile
-        of z_i) (``initial_threshold_quantile=q``). A ``target_l0`` SAE without λ gets
+        of z_i) (``initial_threshold_quantile=q``); a skip transcoder's ``W_skip`` ← the least-squares map from the
+        normalized input to the normalized target (``initial_W_skip="least_squares"``; ``b_dec`` then ← mean of
+        ``t − x W_skip``). A ``target_l0`` SAE without λ gets
         ``λ = DEFAULT_TARGET_L0_LAMBDA · mean_b ‖t_b‖²`` (t the normalized target: ≈ 1 for an SAE, ≈ 2,500 for a
         Gemma 3 transcoder), so the penalty keeps the same weight against the reconstruction error."""
         batch = self._pending_batch if self._pending_batch is not None else self._pull_pending()
@@ -622,10 +625,17 @@ class Trainer:
                 target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
                           if unit.spec.target_site else m.normalize(x_raw))
                 unit.lambda_base = DEFAULT_TARGET_L0_LAMBDA * float(target.to(torch.float64).pow(2).sum(dim=1).mean())
-            if self.config.initial_b_dec == "mean":
+            fit_skip = unit.W_skip is not None and self.config.initial_W_skip == "least_squares"
+            if self.config.initial_b_dec == "mean" or fit_skip:
                 target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
-                          if unit.spec.target_site else m.normalize(x_raw))
-                m.b_dec.copy_(target.to(torch.float64).mean(dim=0).to(m.b_dec.dtype))
+                          if unit.spec.target_site else m.normalize(x_raw)).to(torch.float64)
+                if fit_skip:
+                    x = m.normalize(x_raw).to(torch.float64)
+                    w_skip = least_squares_map(x, target)
+                    unit.W_skip.copy_(w_skip.to(unit.W_skip.dtype))
+                    target = target - x @ w_skip
+                if self.config.initial_b_dec == "mean":
+                    m.b_dec.copy_(target.mean(dim=0).to(m.b_dec.dtype))
             if q is None:
                 continue
             z = m.pre_activations(x_raw)
@@ -712,6 +722,16 @@ def _exclude_top_pcs(unit: _Unit, x: torch.Tensor, k: int) -> None:
     m.W_enc.copy_(w.to(m.W_enc.dtype))            # writes through to the contiguous W_enc_t buffer
     if unit.spec.kind == "sae":
         m.W_dec.copy_(w.t().to(m.W_dec.dtype))
+
+
+def least_squares_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """``W = argmin_W ‖(y − ȳ) − (x − x̄) W‖² + ridge·mean(diag XᵀX)·‖W‖²`` in float64: the linear part of the map
+    from ``x [B, d_in]`` to ``y [B, d_out]`` (a tiny ridge so a batch smaller than ``d_in`` still has one answer)."""
+    xc = (x - x.mean(dim=0)).to(torch.float64)
+    yc = (y - y.mean(dim=0)).to(torch.float64)
+    gram = xc.T @ xc
+    gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-300)
+    return torch.linalg.solve(gram, xc.T @ yc)
 
 
 def train(config: TrainConfig, source: Iterable[dict[str, torch.Tensor]], norm_scales: dict[str, float],
