@@ -207,6 +207,11 @@ class TrainConfig(BaseModel):
         "in a few hundred steps")
     threshold_parameterization: Literal["log", "direct"] = Field(
         "log", description="train log θ (JumpReLU paper) or θ directly (clamped > 0)")
+    threshold_lr_scale: float = Field(
+        1.0, gt=0, description="θ's learning rate as a fraction of lr (1: the recipe, one lr for all). Not in the "
+        "recipe, for short budgets trained directly at a large lr: Adam's step on θ is about lr/√(fraction of "
+        "steps with a token inside θ's bandwidth window), so at lr 1e-3 one window hit moves θ by several ε and "
+        "can lift it past every token for good (the latent dies); a smaller scale keeps θ's steps near ε")
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -265,8 +270,9 @@ class TrainConfig(BaseModel):
         payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
         if payload.get("initial_W_skip") == "zeros":     # added later: the default keeps old fingerprints
             payload.pop("initial_W_skip")
-        if payload.get("initial_exclude_top_pcs") == 0:    # added later: at its default, fingerprints stay as before
-            payload.pop("initial_exclude_top_pcs")
+        for key, default in (("initial_exclude_top_pcs", 0), ("threshold_lr_scale", 1.0)):
+            if payload.get(key) == default:      # added later: at their defaults, fingerprints stay as before
+                payload.pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ construction helpers

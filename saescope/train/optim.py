@@ -23,8 +23,10 @@ class Adam:
     """Adam over named tensors, updated in place; gradients are passed to :meth:`step` by name."""
 
     def __init__(self, params: dict[str, torch.Tensor], *, beta1: float = 0.0, beta2: float = 0.999,
-                 eps: float = 1e-8, fused: bool | None = None):
+                 eps: float = 1e-8, fused: bool | None = None, lr_scale: dict[str, float] | None = None):
         self.params = params
+        # per-parameter multipliers of the step's lr (torch's parameter groups): {name: factor}, default 1
+        self.lr_scale = {name: float((lr_scale or {}).get(name, 1.0)) for name in params}
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.fused = _FUSED if fused is None else (fused and _FUSED)
         self.t = 0
@@ -40,15 +42,15 @@ class Adam:
             names = list(self.params)
             for name in names:
                 self._steps[name].fill_(self.t)
-            # one call per dtype group (the fused kernel wants matching dtypes in a list)
-            groups: dict[torch.dtype, list[str]] = {}
+            # one call per (dtype, lr) group (the fused kernel wants matching dtypes and one lr per call)
+            groups: dict[tuple[torch.dtype, float], list[str]] = {}
             for name in names:
-                groups.setdefault(self.params[name].dtype, []).append(name)
-            for group in groups.values():
+                groups.setdefault((self.params[name].dtype, self.lr_scale[name]), []).append(name)
+            for (_, scale), group in groups.items():
                 torch._fused_adam_(
                     [self.params[n] for n in group], [grads[n].contiguous() for n in group],
                     [self.exp_avg[n] for n in group], [self.exp_avg_sq[n] for n in group], [],
-                    [self._steps[n] for n in group], lr=lr, beta1=self.beta1, beta2=self.beta2,
+                    [self._steps[n] for n in group], lr=lr * scale, beta1=self.beta1, beta2=self.beta2,
                     weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
             return
         bias1 = 1.0 - self.beta1 ** self.t
@@ -59,7 +61,7 @@ class Adam:
             v.mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
             m.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
             denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
-            p.addcdiv_(m, denom, value=-lr / bias1)
+            p.addcdiv_(m, denom, value=-lr * self.lr_scale[name] / bias1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"exp_avg_sq.{k}": v for k, v in self.exp_avg_sq.items()}

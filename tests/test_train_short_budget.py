@@ -1,4 +1,5 @@
-"""Short-budget initialisation: the top principal directions projected out of the initial latent directions."""
+"""Short-budget options (not in the recipe): top principal directions projected out of the initial latent
+directions; θ's own learning rate."""
 
 from __future__ import annotations
 
@@ -95,3 +96,29 @@ def test_latents_stop_firing_together_on_the_massive_dimension(tmp_path):
 def test_too_many_components_is_a_clear_error(tmp_path):
     with pytest.raises(SaescopeError, match="initial_exclude_top_pcs=24 must be below the input width 24"):
         _initialised(tmp_path, D)
+
+
+def test_threshold_lr_scale_scales_only_the_threshold_step(tmp_path):
+    """One step from the same state with θ's lr scaled by 0.1: θ moves exactly 0.1× as far (Adam's first step
+    is lr·g/|g| per entry, independent of the gradient's size), every other parameter moves the same."""
+    deltas = {}
+    for scale in (1.0, 0.1):
+        acts = _acts()
+        cfg = TrainConfig(saes=[SAESpec(site=SITE, width=64, sparsity_coefficient=0.01)], total_tokens=8 * 256,
+                          batch_size=256, out_dir=tmp_path / str(scale), lr=1e-3, lr_warmup_steps=0,
+                          sparsity_warmup_steps=0, threshold_parameterization="direct", initial_b_dec="mean",
+                          initial_threshold_quantile=0.9, bandwidth=0.2, threshold_lr_scale=scale,
+                          checkpoint_every=0, dtype="float64")
+        source = TensorBatchSource(acts, cfg.batch_size, seed=3)
+        trainer = Trainer(cfg, source, {s: source.norm_scale(s) for s in acts}, progress=False)
+        trainer._build()
+        trainer._init_from_first_batch()
+        before = {n: t.clone() for n, t in trainer.units[0].module.state_tensors().items()}
+        trainer.run(max_steps=1)
+        after = trainer.units[0].module.state_tensors()
+        deltas[scale] = {n: (after[n] - before[n]).double() for n in before}
+    moved = deltas[1.0]["threshold"] != 0
+    assert moved.sum() > 10                                       # θ had gradients (some tokens in the window)
+    torch.testing.assert_close(deltas[0.1]["threshold"], 0.1 * deltas[1.0]["threshold"], rtol=1e-9, atol=1e-15)
+    for name in ("W_enc", "b_enc", "b_dec"):
+        torch.testing.assert_close(deltas[0.1][name], deltas[1.0][name], rtol=0, atol=0)
