@@ -66,6 +66,7 @@ def short_budget_train_config(cfg: DemoConfig, store: Path):
         saes=saes, total_tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr,
         lr_warmup_steps=max(steps // 20, 1), sparsity_warmup_steps=max(steps // 4, 1),
         threshold_parameterization="direct", initial_b_dec="mean", initial_threshold_quantile=0.99,
+        initial_exclude_top_pcs=1, threshold_lr_scale=0.1,
         checkpoint_every=max(steps // 4, 1), log_every=max(steps // 10, 1),
         seed=cfg.seed, out_dir=cfg.out, store=store, model=cfg.model)
 

@@ -47,7 +47,8 @@ def _config(out_dir, **kw) -> TrainConfig:
             "sparsity_warmup_steps": 4, "log_every": 3, "checkpoint_every": 0, "out_dir": out_dir,
             "initial_threshold": 0.05, "bandwidth": 0.05, "dtype": "float64",
             # first-batch initialisation: the data-parallel run must see the global first batch
-            "initial_b_dec": "mean", "initial_threshold_quantile": 0.8,
+            "initial_b_dec": "mean", "initial_threshold_quantile": 0.8, "initial_exclude_top_pcs": 1,
+            "threshold_lr_scale": 0.5,
             "fast_path_max_density": 1.0}     # the sparse step from step 2 on (the first step is dense)
     base.update(kw)
     return TrainConfig(**base)
