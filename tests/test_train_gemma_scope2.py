@@ -112,6 +112,8 @@ def test_plain_spec_fingerprint_is_unchanged_by_the_new_options():
     payload = cfg.model_dump(mode="json", exclude={"total_tokens", "checkpoint_every", "log_every", "tensorboard",
                                                    "wandb", "out_dir", "store", "device", "fast_path",
                                                    "fast_path_max_density", "latent_shards"})
+    for key, default in (("initial_W_skip", "zeros"), ("initial_exclude_top_pcs", 0)):   # later settings
+        assert payload.pop(key) == default
     for spec in payload["saes"]:           # what the spec dump was before the options existed
         for key in ("target_l0", "matryoshka_prefixes", "matryoshka_weights", "skip"):
             spec.pop(key)
