@@ -123,6 +123,20 @@ def test_raw_scale_output_and_standardization_leave_w_skip_unchanged():
     torch.testing.assert_close(std.encode(x), C * f, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["standardize", "fold_norm_scale"])
+def test_module_level_standardization_keeps_the_transcoder(name):
+    """``saescope.sae.standardize`` / ``fold_norm_scale`` on a skip transcoder: same raw map, W_skip kept."""
+    import importlib
+
+    S = importlib.import_module("saescope.sae.standardize")   # (saescope.sae re-exports a function of that name)
+    tc = random_skip(torch.float64, seed=8)
+    x, _ = data(seed=9)
+    out = getattr(S, name)(tc)
+    assert isinstance(out, JumpReLUTranscoder) and out.skip and out.norm_scale == 1.0
+    assert torch.equal(out.W_skip, tc.W_skip)
+    torch.testing.assert_close(out(x), tc(x), rtol=1e-12, atol=1e-12)
+
+
 def test_decode_needs_the_input_and_the_evaluator_uses_it():
     tc = random_skip(seed=8)
     x = data(seed=9)[0].float()

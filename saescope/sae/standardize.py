@@ -42,8 +42,11 @@ def standardized_parameters(sae: JumpReLUSAE) -> dict[str, torch.Tensor]:
 def standardize(sae: JumpReLUSAE) -> JumpReLUSAE:
     """A new SAE that reads raw activations directly: ``norm_scale = 1``, no pre-encoder ``b_dec``.
 
-    Applying it to an already standardized SAE returns an equal copy.
+    Applying it to an already standardized SAE returns an equal copy. A transcoder gets its own method
+    (:meth:`saescope.sae.transcoder.JumpReLUTranscoder.standardize`: no pre-encoder bias, ``W_skip`` kept).
     """
+    if sae.config.is_transcoder:
+        return sae.standardize()
     config = sae.config.model_copy(update={"norm_scale": 1.0, "apply_b_dec_to_input": False,
                                            "standardized": True})
     out = JumpReLUSAE(sae.d_in, sae.d_sae, dtype=sae.dtype, device=sae.device, config=config, seed=0)
@@ -61,6 +64,8 @@ def fold_norm_scale(sae: JumpReLUSAE) -> JumpReLUSAE:
     ``θ ← C·θ`` the SAE reads raw activations (latents ``C ×`` the training-time latents) and keeps the
     form ``JumpReLU_θ(W_enc (x − b_dec) + b_enc)`` that SAELens uses with ``apply_b_dec_to_input``.
     """
+    if sae.config.is_transcoder:      # no pre-encoder bias: folding C is the whole standardization
+        return sae.standardize()
     C = float(sae.config.norm_scale)
     config = sae.config.model_copy(update={"norm_scale": 1.0,
                                            "standardized": not sae.config.apply_b_dec_to_input})
