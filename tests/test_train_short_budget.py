@@ -122,3 +122,15 @@ def test_threshold_lr_scale_scales_only_the_threshold_step(tmp_path):
     torch.testing.assert_close(deltas[0.1]["threshold"], 0.1 * deltas[1.0]["threshold"], rtol=1e-9, atol=1e-15)
     for name in ("W_enc", "b_enc", "b_dec"):
         torch.testing.assert_close(deltas[0.1][name], deltas[1.0][name], rtol=0, atol=0)
+
+
+def test_a_spec_can_override_the_runs_threshold_lr_scale(tmp_path):
+    specs = [SAESpec(site=SITE, width=32, sparsity_coefficient=0.01),
+             SAESpec(site="mlp_in/layer_1", width=32, sparsity_coefficient=0.01, kind="transcoder",
+                     threshold_lr_scale=1.0)]
+    trainer, _, _ = _initialised(tmp_path, 0, specs)
+    trainer.config = trainer.config.model_copy(update={"threshold_lr_scale": 0.1})
+    trainer.units = []
+    trainer._build()
+    assert [u.adam.lr_scale["threshold"] for u in trainer.units] == [0.1, 1.0]
+    assert all(u.adam.lr_scale["W_enc"] == 1.0 for u in trainer.units)

@@ -75,6 +75,9 @@ class SAESpec(BaseModel):
                                                   "latents (strictly increasing, last = width), or 'default'")
     matryoshka_weights: list[float] | None = Field(None, description="one weight per Matryoshka prefix (default 1)")
     skip: bool = Field(False, description="transcoders only: an affine skip connection W_skip x (Gemma Scope 2)")
+    threshold_lr_scale: float | None = Field(
+        None, gt=0, description="this SAE's θ learning-rate scale (None: the run's threshold_lr_scale); a "
+        "transcoder, whose target is ~2,500× an SAE's input on Gemma 3, may need θ to move faster than the SAEs")
 
     @field_validator("site", "target_site")
     @classmethod
@@ -164,8 +167,8 @@ class SAESpec(BaseModel):
 
 
 NEW_SPEC_DEFAULTS: dict[str, Any] = {"target_l0": None, "matryoshka_prefixes": None, "matryoshka_weights": None,
-                                     "skip": False}
-"""Spec fields added for Gemma Scope 2, with the defaults that leave the fingerprint as before."""
+                                     "skip": False, "threshold_lr_scale": None}
+"""Spec fields added later (Gemma Scope 2, per-SAE θ lr), with the defaults that leave the fingerprint as before."""
 
 
 class TrainConfig(BaseModel):
