@@ -12,7 +12,8 @@ rate, warm-ups scaled to the run, θ trained directly (the SAEs' θ at a tenth o
 data mean, θ at the 99th percentile of the first batch's pre-activations and the SAEs' initial directions
 orthogonal to the top principal direction (Gemma 3's massive-activation dimension) — which is printed and
 written to the run folder. Measured with the defaults (800k tokens, layer 6): λ = 1e-4, 3e-4, 1e-3 give
-held-out L0 ≈ 36, 14, 7 with FVU 0.068, 0.090, 0.106.
+held-out L0 ≈ 36, 15, 7.5 with FVU 0.068, 0.085, 0.106 and Δ LM loss on held-out plays 0.53, 0.58, 0.69 nats
+(Python source, out of domain: 4.4–5.6); the transcoder L0 ≈ 91, Δ loss 0.11.
 """
 
 from __future__ import annotations
