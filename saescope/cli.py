@@ -160,6 +160,8 @@ def train(
                                                   "(repeat, increasing, the last = the width)"),
     matryoshka_weights: list[float] = typer.Option([], "--matryoshka-weight", help="one weight per Matryoshka "
                                                    "prefix (repeat; default 1)"),
+    preset: str | None = typer.Option(None, help="fill unset settings from a named preset: short-budget (runs "
+                                      "of ~1M tokens; what `saescope demo` uses; see saescope.train.presets)"),
     total_tokens: int | None = typer.Option(None, help="tokens to train on"),
     batch_size: int | None = typer.Option(None, help="tokens per step (recipe: 4096)"),
     lr: float | None = typer.Option(None, help="learning rate (recipe: 7e-5)"),
@@ -216,13 +218,13 @@ def train(
         fail("--width / --lambda / --target-l0 / --skip / --matryoshka need --sites or --transcoder-layer")
     try:
         if config is not None:
-            cfg = TrainConfig.from_file(config, **overrides)
+            cfg = TrainConfig.from_file(config, preset=preset, **overrides)
         else:
             if "saes" not in overrides:
                 fail("give a config file or --sites/--width/--lambda or --target-l0 (see saescope train --help)")
             if "total_tokens" not in overrides:
                 fail("give --total-tokens (or a config file that sets total_tokens)")
-            cfg = TrainConfig.from_dict(overrides, source="the command-line flags")
+            cfg = TrainConfig.from_dict(overrides, source="the command-line flags", preset=preset)
         folders = train_from_store(cfg)
     except TrainingInterrupted as exc:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)

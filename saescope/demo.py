@@ -56,24 +56,21 @@ class DemoConfig(BaseModel):
 
 
 def short_budget_train_config(cfg: DemoConfig, store: Path):
-    """The training config of the demo: the recipe with the short-budget preset (recipe §6)."""
+    """The training config of the demo: the recipe with the short-budget preset (recipe §6,
+    :mod:`saescope.train.presets`)."""
     from saescope.train import TrainConfig
 
     site = f"resid_post/layer_{cfg.layer}"
     saes = [{"site": site, "width": cfg.width, "sparsity_coefficient": lam} for lam in cfg.lambdas]
     if cfg.transcoder_lambda is not None:
-        # θ at the full lr: at a tenth the transcoder's L0 was still ~1,100 after 780 steps (vs ~90 at full lr)
         saes.append({"site": f"mlp_in/layer_{cfg.layer}", "width": cfg.width,
-                     "sparsity_coefficient": cfg.transcoder_lambda, "kind": "transcoder",
-                     "threshold_lr_scale": 1.0})
+                     "sparsity_coefficient": cfg.transcoder_lambda, "kind": "transcoder"})
     steps = max(cfg.steps, 1)
-    return TrainConfig(
-        saes=saes, total_tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr,
-        lr_warmup_steps=max(steps // 20, 1), sparsity_warmup_steps=max(steps // 4, 1),
-        threshold_parameterization="direct", initial_b_dec="mean", initial_threshold_quantile=0.99,
-        initial_exclude_top_pcs=1, threshold_lr_scale=0.1,
-        checkpoint_every=max(steps // 4, 1), log_every=max(steps // 10, 1),
-        seed=cfg.seed, out_dir=cfg.out, store=store, model=cfg.model)
+    return TrainConfig.from_dict(
+        {"saes": saes, "total_tokens": cfg.tokens, "batch_size": cfg.batch_size, "lr": cfg.lr,
+         "checkpoint_every": max(steps // 4, 1), "log_every": max(steps // 10, 1), "seed": cfg.seed,
+         "out_dir": cfg.out, "store": store, "model": cfg.model},
+        source="the demo's settings", preset="short-budget")
 
 
 def run_demo(cfg: DemoConfig, *, progress: bool = True, echo=print) -> dict:

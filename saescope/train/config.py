@@ -278,15 +278,20 @@ class TrainConfig(BaseModel):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", preset: str | None = None) -> TrainConfig:
+        """Validate ``data``; a named ``preset`` (:mod:`saescope.train.presets`) fills the settings it leaves out."""
+        from saescope.train.presets import apply_preset
+
+        data = apply_preset(preset, data)
         try:
             return cls(**data)
         except ValidationError as exc:
             raise SaescopeError(f"{source} is not a valid training config:\n{exc}") from exc
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a ``.toml`` or ``.json`` file; keyword overrides (e.g. from CLI flags) win over the file."""
+    def from_file(cls, path: str | Path, *, preset: str | None = None, **overrides: Any) -> TrainConfig:
+        """Read a ``.toml`` or ``.json`` file; keyword overrides (e.g. from CLI flags) win over the file, and both
+        over a named ``preset``."""
         path = Path(path)
         if not path.is_file():
             raise SaescopeError(f"training config {path} does not exist")
@@ -296,7 +301,7 @@ class TrainConfig(BaseModel):
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
             raise SaescopeError(f"cannot parse {path}: {exc}") from exc
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), preset=preset)
 
     def to_toml(self) -> str:
         """The resolved config as TOML (written into the run folder before training starts)."""
