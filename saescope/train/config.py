@@ -7,13 +7,16 @@ same batches — and the optimisation settings they share. It loads from a TOML 
 
 from __future__ import annotations
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from saescope.config import Site
