@@ -11,8 +11,9 @@ import json
 
 import pytest
 import torch
+from train_helpers import assert_bitwise, run_trainer, small_config, weights
 
-from saescope.train import SAESpec, TrainConfig, Trainer
+from saescope.train import SAESpec, TrainConfig
 from saescope.train.checkpoint import CheckpointError
 from saescope.train.config import DEFAULT_TARGET_L0_LAMBDA, default_matryoshka_prefixes
 from saescope.train.sources import TensorBatchSource
@@ -34,33 +35,6 @@ def _acts(n=2048, seed=0):
     return {SITE: x * 7.0, "mlp_in/layer_1": x_in, "mlp_out/layer_1": y}
 
 
-def _config(out, specs, total_steps=24, **kw):
-    base = {"saes": specs, "total_tokens": total_steps * 128, "batch_size": 128, "lr": 3e-3, "lr_warmup_steps": 4,
-            "sparsity_warmup_steps": 6, "log_every": 5, "checkpoint_every": 0, "out_dir": out,
-            "threshold_parameterization": "log", "initial_threshold": 0.05, "bandwidth": 0.05,
-            "fast_path_max_density": 1.0}
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _run(cfg, acts, max_steps=None):
-    source = TensorBatchSource(acts, cfg.batch_size, seed=11)
-    scales = {k: TensorBatchSource(acts, cfg.batch_size).norm_scale(k) for k in acts}
-    trainer = Trainer(cfg, source, scales, progress=False)
-    trainer.run(max_steps=max_steps)
-    return trainer
-
-
-def _weights(trainer):
-    return {u.spec.name: {k: v.clone() for k, v in u.module.state_tensors().items()} for u in trainer.units}
-
-
-def _assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].keys() == b[name].keys(), name
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
 
 
 TARGET = SAESpec(site=SITE, width=64, target_l0=6, sparsity_coefficient=0.05)
@@ -96,7 +70,7 @@ def test_spec_names_validation_and_toml(tmp_path):
         with pytest.raises(ValueError, match=message):
             SAESpec(**spec)
     # the written config.toml reads back to the same config (lists included)
-    cfg = _config(tmp_path, [TARGET, MATRYOSHKA, BOTH, SKIP])
+    cfg = small_config(tmp_path, [TARGET, MATRYOSHKA, BOTH, SKIP])
     path = tmp_path / "config.toml"
     path.write_text(cfg.to_toml())
     again = TrainConfig.from_file(path)
@@ -117,23 +91,23 @@ def test_plain_spec_fingerprint_is_unchanged_by_the_new_options():
 def test_many_saes_together_equal_each_alone(tmp_path, fast_path):
     acts = _acts()
     specs = [TARGET, MATRYOSHKA, PLAIN, BOTH, SKIP]
-    together = _weights(_run(_config(tmp_path / "all", specs, fast_path=fast_path), acts))
+    together = weights(run_trainer(small_config(tmp_path / "all", specs, fast_path=fast_path), acts))
     for i, spec in enumerate((TARGET, MATRYOSHKA, BOTH, SKIP)):
-        alone = _weights(_run(_config(tmp_path / f"alone{i}", [spec], fast_path=fast_path), acts))
-        _assert_bitwise({spec.name: together[spec.name]}, alone)
+        alone = weights(run_trainer(small_config(tmp_path / f"alone{i}", [spec], fast_path=fast_path), acts))
+        assert_bitwise({spec.name: together[spec.name]}, alone)
     assert not torch.equal(together[SKIP.name]["W_skip"], torch.zeros_like(together[SKIP.name]["W_skip"]))
 
 
 def test_resume_is_bitwise_exact_with_a_skip_transcoder(tmp_path):
     acts = _acts()
     specs = [SKIP, TARGET, BOTH]
-    straight = _run(_config(tmp_path / "straight", specs, total_steps=30), acts)
-    cfg = _config(tmp_path / "resumed", specs, total_steps=30)
-    first = _run(cfg, acts, max_steps=13)
+    straight = run_trainer(small_config(tmp_path / "straight", specs, total_steps=30), acts)
+    cfg = small_config(tmp_path / "resumed", specs, total_steps=30)
+    first = run_trainer(cfg, acts, max_steps=13)
     assert first.step == 13
-    second = _run(cfg, acts)
+    second = run_trainer(cfg, acts)
     assert second.step == 30
-    _assert_bitwise(_weights(straight), _weights(second))
+    assert_bitwise(weights(straight), weights(second))
     for u1, u2 in zip(straight.units, second.units):
         for key in u1.adam.exp_avg_sq:
             assert torch.equal(u1.adam.exp_avg_sq[key], u2.adam.exp_avg_sq[key]), (u1.spec.name, key)
@@ -152,17 +126,17 @@ def test_resume_is_bitwise_exact_with_a_skip_transcoder(tmp_path):
 def test_fast_path_and_dense_trainer_give_the_same_weights(tmp_path, spec):
     acts = _acts()
     kw = {"dtype": "float64", "total_steps": 20}
-    fast = _weights(_run(_config(tmp_path / "fast", [spec], fast_path=True, **kw), acts))[spec.name]
-    dense = _weights(_run(_config(tmp_path / "dense", [spec], fast_path=False, **kw), acts))[spec.name]
+    fast = weights(run_trainer(small_config(tmp_path / "fast", [spec], fast_path=True, **kw), acts))[spec.name]
+    dense = weights(run_trainer(small_config(tmp_path / "dense", [spec], fast_path=False, **kw), acts))[spec.name]
     assert fast.keys() == dense.keys()
     for key in fast:
         torch.testing.assert_close(fast[key], dense[key], rtol=1e-9, atol=1e-9, msg=key)
 
 
 def _l0_curve(tmp_path, name, acts, spec, **kw):
-    cfg = _config(tmp_path / name, [spec], total_steps=120, log_every=5, lr=1e-2, sparsity_warmup_steps=10,
+    cfg = small_config(tmp_path / name, [spec], total_steps=120, log_every=5, lr=1e-2, sparsity_warmup_steps=10,
                   threshold_parameterization="direct", **kw)
-    _run(cfg, acts)
+    run_trainer(cfg, acts)
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return [row["l0"] for row in rows]
 
@@ -188,8 +162,8 @@ def test_default_lambda_follows_the_target_scale(tmp_path):
     """Without λ, a target-L0 SAE / transcoder gets DEFAULT_TARGET_L0_LAMBDA × mean ‖t‖² of the first batch."""
     acts = _acts()
     sae = SAESpec(site=SITE, width=64, target_l0=6)
-    cfg = _config(tmp_path / "run", [sae, SKIP], total_steps=6)
-    trainer = _run(cfg, acts)
+    cfg = small_config(tmp_path / "run", [sae, SKIP], total_steps=6)
+    trainer = run_trainer(cfg, acts)
     first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))
     c_sae = TensorBatchSource(acts, 128).norm_scale(SITE)
     c_in = TensorBatchSource(acts, 128).norm_scale("mlp_in/layer_1")
@@ -206,20 +180,20 @@ def test_default_lambda_follows_the_target_scale(tmp_path):
 
 def test_resume_with_a_different_target_refuses(tmp_path):
     acts = _acts()
-    _run(_config(tmp_path / "run", [TARGET]), acts, max_steps=4)
-    other = _config(tmp_path / "run", [TARGET.model_copy(update={"target_l0": 20.0})])
+    run_trainer(small_config(tmp_path / "run", [TARGET]), acts, max_steps=4)
+    other = small_config(tmp_path / "run", [TARGET.model_copy(update={"target_l0": 20.0})])
     with pytest.raises(CheckpointError, match=r"saes\[0\]\.target_l0: 6\.0 → 20\.0"):
-        _run(other, acts)
-    no_skip = _config(tmp_path / "run2", [SKIP])
-    _run(no_skip, acts, max_steps=4)
+        run_trainer(other, acts)
+    no_skip = small_config(tmp_path / "run2", [SKIP])
+    run_trainer(no_skip, acts, max_steps=4)
     with pytest.raises(CheckpointError, match=r"saes\[0\]\.skip: True → False"):
-        _run(_config(tmp_path / "run2", [NO_SKIP]), acts)
+        run_trainer(small_config(tmp_path / "run2", [NO_SKIP]), acts)
 
 
 def test_skip_and_plain_transcoder_get_their_own_suite_folders(tmp_path):
     """Both land in suite/transcoder/layer_<L>/width_<W>/; at the same rounded L0 the second gets ``_2``."""
     acts = _acts()
-    trainer = _run(_config(tmp_path / "run", [SKIP, NO_SKIP], total_steps=6), acts)
+    trainer = run_trainer(small_config(tmp_path / "run", [SKIP, NO_SKIP], total_steps=6), acts)
     for unit in trainer.units:          # force the same rounded L0
         unit.window = {**unit.window, "l0": 5.0 * unit.window["tokens"]}
     folders = trainer.write_suite()
@@ -234,8 +208,8 @@ def test_least_squares_initial_W_skip_matches_numpy(tmp_path):
     import numpy as np
 
     acts = _acts()
-    cfg = _config(tmp_path / "run", [SKIP, NO_SKIP], initial_W_skip="least_squares", initial_b_dec="mean")
-    trainer = _run(cfg, acts, max_steps=0)
+    cfg = small_config(tmp_path / "run", [SKIP, NO_SKIP], initial_W_skip="least_squares", initial_b_dec="mean")
+    trainer = run_trainer(cfg, acts, max_steps=0)
     first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))
     c = TensorBatchSource(acts, 128).norm_scale("mlp_in/layer_1")
     x = first["mlp_in/layer_1"].double().numpy() / c
@@ -247,6 +221,6 @@ def test_least_squares_initial_W_skip_matches_numpy(tmp_path):
     assert plain_unit.W_skip is None                      # the plain transcoder keeps b_dec = mean of the target
     np.testing.assert_allclose(plain_unit.module.b_dec.numpy(), y.mean(axis=0), rtol=1e-5, atol=1e-5)
     # the default stays the Gemma Scope 2 zero init and the old fingerprint
-    zeros = _run(_config(tmp_path / "zeros", [SKIP]), acts, max_steps=0)
+    zeros = run_trainer(small_config(tmp_path / "zeros", [SKIP]), acts, max_steps=0)
     assert not zeros.units[0].W_skip.any()
     assert cfg.fingerprint() != cfg.model_copy(update={"initial_W_skip": "zeros"}).fingerprint()

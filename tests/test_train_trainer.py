@@ -9,9 +9,10 @@ import signal
 
 import pytest
 import torch
+from train_helpers import assert_bitwise, run_trainer, small_config, weights
 
 from saescope.formats import load_sae
-from saescope.train import SAESpec, TrainConfig, Trainer, TrainingInterrupted
+from saescope.train import SAESpec, Trainer, TrainingInterrupted
 from saescope.train.checkpoint import CheckpointError
 from saescope.train.sources import TensorBatchSource
 
@@ -29,32 +30,6 @@ def _acts(n=2048, seed=0):
     return {SITE: x * 7.0, "mlp_in/layer_1": x / x.norm(dim=1, keepdim=True) * D ** 0.5, "mlp_out/layer_1": y}
 
 
-def _config(tmp_path, specs, total_steps=24, **kw):
-    base = {"saes": specs, "total_tokens": total_steps * 128, "batch_size": 128, "lr": 3e-3, "lr_warmup_steps": 4,
-            "sparsity_warmup_steps": 6, "log_every": 5, "checkpoint_every": 0, "out_dir": tmp_path,
-            "threshold_parameterization": "log", "initial_threshold": 0.05, "bandwidth": 0.05,
-            "fast_path_max_density": 1.0}
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _run(cfg, acts, max_steps=None, source=None):
-    source = source or TensorBatchSource(acts, cfg.batch_size, seed=11)
-    scales = {k: TensorBatchSource(acts, cfg.batch_size).norm_scale(k) for k in acts}
-    trainer = Trainer(cfg, source, scales, progress=False)
-    trainer.run(max_steps=max_steps)
-    return trainer
-
-
-def _weights(trainer):
-    return {u.spec.name: {k: v.clone() for k, v in u.module.state_tensors().items()} for u in trainer.units}
-
-
-def _assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
 
 
 SPEC_A = SAESpec(site=SITE, width=64, sparsity_coefficient=0.02)
@@ -65,14 +40,14 @@ SPEC_T = SAESpec(site="mlp_in/layer_1", width=32, sparsity_coefficient=0.05, kin
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_many_saes_together_equal_each_alone(tmp_path, fast_path):
     acts = _acts()
-    together = _run(_config(tmp_path / "both", [SPEC_A, SPEC_B, SPEC_T], fast_path=fast_path), acts)
-    alone_a = _run(_config(tmp_path / "a", [SPEC_A], fast_path=fast_path), acts)
-    alone_t = _run(_config(tmp_path / "t", [SPEC_T], fast_path=fast_path), acts)
-    both = _weights(together)
-    _assert_bitwise({SPEC_A.name: both[SPEC_A.name]}, _weights(alone_a))
-    _assert_bitwise({SPEC_T.name: both[SPEC_T.name]}, _weights(alone_t))
+    together = run_trainer(small_config(tmp_path / "both", [SPEC_A, SPEC_B, SPEC_T], fast_path=fast_path), acts)
+    alone_a = run_trainer(small_config(tmp_path / "a", [SPEC_A], fast_path=fast_path), acts)
+    alone_t = run_trainer(small_config(tmp_path / "t", [SPEC_T], fast_path=fast_path), acts)
+    both = weights(together)
+    assert_bitwise({SPEC_A.name: both[SPEC_A.name]}, weights(alone_a))
+    assert_bitwise({SPEC_T.name: both[SPEC_T.name]}, weights(alone_t))
     # training changed the weights (the comparison is not vacuous)
-    initial = Trainer(_config(tmp_path / "x", [SPEC_A]), [], {SITE: 1.0}, dims={SITE: D}, progress=False)
+    initial = Trainer(small_config(tmp_path / "x", [SPEC_A]), [], {SITE: 1.0}, dims={SITE: D}, progress=False)
     initial._build()
     assert not torch.equal(initial.units[0].module.W_enc, both[SPEC_A.name]["W_enc"])
 
@@ -82,14 +57,14 @@ def test_resume_is_bitwise_exact(tmp_path, fast_path):
     acts = _acts()
     specs = [SPEC_A, SPEC_B, SPEC_T]
     # 40 steps over 16 batches per epoch: the interruption falls inside the 2nd epoch
-    straight = _run(_config(tmp_path / "straight", specs, total_steps=40, fast_path=fast_path), acts)
-    cfg = _config(tmp_path / "resumed", specs, total_steps=40, fast_path=fast_path)
-    first = _run(cfg, acts, max_steps=20)
+    straight = run_trainer(small_config(tmp_path / "straight", specs, total_steps=40, fast_path=fast_path), acts)
+    cfg = small_config(tmp_path / "resumed", specs, total_steps=40, fast_path=fast_path)
+    first = run_trainer(cfg, acts, max_steps=20)
     assert first.step == 20
     assert not (tmp_path / "resumed" / "suite").exists()
-    second = _run(cfg, acts)                       # same command: resumes from the checkpoint at step 20
+    second = run_trainer(cfg, acts)                       # same command: resumes from the checkpoint at step 20
     assert second.step == 40
-    _assert_bitwise(_weights(straight), _weights(second))
+    assert_bitwise(weights(straight), weights(second))
     for u1, u2 in zip(straight.units, second.units):
         assert torch.equal(u1.adam.exp_avg_sq["W_dec"], u2.adam.exp_avg_sq["W_dec"])
         assert torch.equal(u1.tokens_since_fired, u2.tokens_since_fired)
@@ -104,17 +79,17 @@ def test_resume_without_loader_state_replays_batches(tmp_path):
         def __iter__(self):
             return iter(TensorBatchSource(acts, 128, seed=3))
 
-    straight = _run(_config(tmp_path / "s", [SPEC_A]), acts, source=Plain())
-    cfg = _config(tmp_path / "r", [SPEC_A])
-    _run(cfg, acts, max_steps=9, source=Plain())
-    resumed = _run(cfg, acts, source=Plain())
-    _assert_bitwise(_weights(straight), _weights(resumed))
+    straight = run_trainer(small_config(tmp_path / "s", [SPEC_A]), acts, source=Plain())
+    cfg = small_config(tmp_path / "r", [SPEC_A])
+    run_trainer(cfg, acts, max_steps=9, source=Plain())
+    resumed = run_trainer(cfg, acts, source=Plain())
+    assert_bitwise(weights(straight), weights(resumed))
 
 
 def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path):
     acts = _acts()
     specs = [SPEC_A]
-    straight = _run(_config(tmp_path / "straight", specs), acts)
+    straight = run_trainer(small_config(tmp_path / "straight", specs), acts)
 
     class SignalAfter(TensorBatchSource):
         def __init__(self, *a, after, **k):
@@ -128,51 +103,51 @@ def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path):
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch
 
-    cfg = _config(tmp_path / "sig", specs)
+    cfg = small_config(tmp_path / "sig", specs)
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match="SIGTERM at step 7"):
-        _run(cfg, acts, source=SignalAfter(acts, 128, seed=11, after=7))
+        run_trainer(cfg, acts, source=SignalAfter(acts, 128, seed=11, after=7))
     assert signal.getsignal(signal.SIGTERM) is previous          # handler restored
     assert (tmp_path / "sig" / "checkpoints" / "step_00000007").is_dir()
-    resumed = _run(cfg, acts)
-    _assert_bitwise(_weights(straight), _weights(resumed))
+    resumed = run_trainer(cfg, acts)
+    assert_bitwise(weights(straight), weights(resumed))
 
 
 def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     acts = _acts()
-    cfg = _config(tmp_path / "run", [SPEC_A])
-    _run(cfg, acts, max_steps=5)
+    cfg = small_config(tmp_path / "run", [SPEC_A])
+    run_trainer(cfg, acts, max_steps=5)
     ck = tmp_path / "run" / "checkpoints" / "step_00000005"
     # a different config in the same folder
-    other = _config(tmp_path / "run", [SPEC_A], lr=1e-4)
+    other = small_config(tmp_path / "run", [SPEC_A], lr=1e-4)
     with pytest.raises(CheckpointError, match="different config.*lr"):
-        _run(other, acts)
-    other_saes = _config(tmp_path / "run", [SPEC_B])
+        run_trainer(other, acts)
+    other_saes = small_config(tmp_path / "run", [SPEC_B])
     with pytest.raises(CheckpointError, match="different config"):
-        _run(other_saes, acts)
+        run_trainer(other_saes, acts)
     # different activations (norm scale)
     with pytest.raises(CheckpointError, match="norm scale"):
-        _run(cfg, {k: v * 2 for k, v in acts.items()})
+        run_trainer(cfg, {k: v * 2 for k, v in acts.items()})
     # flipped bytes in the tensor file
     data = bytearray((ck / "state.safetensors").read_bytes())
     data[-10] ^= 0xFF
     (ck / "state.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
-        _run(cfg, acts)
+        run_trainer(cfg, acts)
     # broken JSON
     (ck / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        _run(cfg, acts)
+        run_trainer(cfg, acts)
     # pointer to a missing folder
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000099\n")
     with pytest.raises(CheckpointError, match="missing"):
-        _run(cfg, acts)
+        run_trainer(cfg, acts)
 
 
 def test_fast_and_dense_trainers_agree(tmp_path):
     acts = _acts()
-    fast = _weights(_run(_config(tmp_path / "f", [SPEC_A, SPEC_T], fast_path=True), acts))
-    dense = _weights(_run(_config(tmp_path / "d", [SPEC_A, SPEC_T], fast_path=False), acts))
+    fast = weights(run_trainer(small_config(tmp_path / "f", [SPEC_A, SPEC_T], fast_path=True), acts))
+    dense = weights(run_trainer(small_config(tmp_path / "d", [SPEC_A, SPEC_T], fast_path=False), acts))
     for name in fast:
         for key in fast[name]:
             torch.testing.assert_close(fast[name][key], dense[name][key], rtol=1e-3, atol=1e-4,
@@ -182,7 +157,7 @@ def test_fast_and_dense_trainers_agree(tmp_path):
 def test_decoder_rows_stay_unit_norm_and_suite_is_written(tmp_path):
     acts = _acts()
     specs = [SAESpec(site=SITE, width=64, sparsity_coefficient=lam) for lam in (0.005, 0.05, 0.5)]
-    trainer = _run(_config(tmp_path, specs, total_steps=60, lr=1e-2, threshold_parameterization="direct"), acts)
+    trainer = run_trainer(small_config(tmp_path, specs, total_steps=60, lr=1e-2, threshold_parameterization="direct"), acts)
     for unit in trainer.units:
         torch.testing.assert_close(unit.module.W_dec.norm(dim=1), torch.ones(unit.spec.width), rtol=0, atol=1e-6)
     summary = json.loads((tmp_path / "suite" / "training_summary.json").read_text())
@@ -215,7 +190,7 @@ def test_missing_site_or_scale_fails_before_training(tmp_path):
     from saescope.errors import SaescopeError
 
     acts = _acts()
-    cfg = _config(tmp_path, [SAESpec(site="resid_post/layer_9", width=8, sparsity_coefficient=0.1)])
+    cfg = small_config(tmp_path, [SAESpec(site="resid_post/layer_9", width=8, sparsity_coefficient=0.1)])
     with pytest.raises(SaescopeError, match="no norm scale"):
         Trainer(cfg, TensorBatchSource(acts, 128), {SITE: 1.0}, progress=False)
     with pytest.raises(SaescopeError, match="no site resid_post/layer_9"):
@@ -237,7 +212,7 @@ def test_dense_step_while_many_latents_fire_then_sparse(tmp_path, monkeypatch):
         monkeypatch.setattr(trainer_module, name, wrapped)
     acts = _acts()
     spec = SAESpec(site=SITE, width=64, sparsity_coefficient=0.5)
-    _run(_config(tmp_path, [spec], total_steps=40, lr=1e-2, threshold_parameterization="direct",
+    run_trainer(small_config(tmp_path, [spec], total_steps=40, lr=1e-2, threshold_parameterization="direct",
                  fast_path_max_density=0.2), acts)
     assert calls[0][0] == "dense_training_step"              # no L0 known yet: dense first
     for (_, l0_before), (kind, _) in itertools.pairwise(calls):
@@ -247,7 +222,7 @@ def test_dense_step_while_many_latents_fire_then_sparse(tmp_path, monkeypatch):
 
 def test_threshold_quantile_initialisation(tmp_path):
     acts = _acts()
-    cfg = _config(tmp_path, [SPEC_A], initial_threshold_quantile=0.9, initial_threshold=1e-4)
+    cfg = small_config(tmp_path, [SPEC_A], initial_threshold_quantile=0.9, initial_threshold=1e-4)
     source = TensorBatchSource(acts, cfg.batch_size, seed=11)
     first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))[SITE]
     trainer = Trainer(cfg, source, {SITE: TensorBatchSource(acts, 128).norm_scale(SITE)}, progress=False)
@@ -260,14 +235,14 @@ def test_threshold_quantile_initialisation(tmp_path):
     assert floor.sum() < sae.d_sae
     assert ((above[~floor] - 0.1).abs() <= 1 / 128 + 1e-9).all()
     # and training from it resumes exactly like a straight run
-    straight = _run(_config(tmp_path / "s", [SPEC_A], initial_threshold_quantile=0.9, initial_threshold=1e-4), acts)
-    resumed = _run(cfg, acts)
-    _assert_bitwise(_weights(straight), _weights(resumed))
+    straight = run_trainer(small_config(tmp_path / "s", [SPEC_A], initial_threshold_quantile=0.9, initial_threshold=1e-4), acts)
+    resumed = run_trainer(cfg, acts)
+    assert_bitwise(weights(straight), weights(resumed))
 
 
 def test_b_dec_mean_initialisation(tmp_path):
     acts = _acts()
-    cfg = _config(tmp_path, [SPEC_A, SPEC_T], initial_b_dec="mean")
+    cfg = small_config(tmp_path, [SPEC_A, SPEC_T], initial_b_dec="mean")
     scales = {k: TensorBatchSource(acts, 128).norm_scale(k) for k in acts}
     first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))
     trainer = Trainer(cfg, TensorBatchSource(acts, cfg.batch_size, seed=11), scales, progress=False)
