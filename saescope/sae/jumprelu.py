@@ -140,14 +140,19 @@ class JumpReLUSAE(nn.Module):
         """An SAE holding exactly these tensors (copied bit for bit; weights in ``config.dtype``)."""
         sae = cls(config.d_in, config.d_sae, dtype=torch_dtype(config.dtype), device=device, config=config,
                   seed=0)
-        for name in PARAMETER_NAMES:
-            target = getattr(sae, name)
+        sae._copy_parameters(parameters, PARAMETER_NAMES)
+        return sae
+
+    @torch.no_grad()
+    def _copy_parameters(self, parameters: dict[str, torch.Tensor], names) -> None:
+        """Copy ``parameters[name]`` into each named parameter, in the parameter's dtype (θ is never narrowed:
+        a float64 threshold stays float64, none goes below float32)."""
+        for name in names:
+            target = getattr(self, name)
             source = parameters[name]
             if name == "threshold" and source.dtype != target.dtype and source.is_floating_point():
-                # keep a float64 threshold in float64; never narrow θ below float32
                 target.data = torch.empty_like(target, dtype=torch.promote_types(source.dtype, target.dtype))
             target.copy_(source.to(dtype=target.dtype, device=target.device))
-        return sae
 
     # ------------------------------------------------------------------ properties
     @property

@@ -154,12 +154,7 @@ class JumpReLUTranscoder(JumpReLUSAE):
         d_out = int(parameters["W_dec"].shape[1])
         out = cls(config.d_in, config.d_sae, d_out=d_out, skip=skip, dtype=torch_dtype(config.dtype),
                   device=device, config=config, seed=0)
-        for name in PARAMETER_NAMES + ((SKIP_NAME,) if skip else ()):
-            target = getattr(out, name)
-            source = parameters[name]
-            if name == "threshold" and source.dtype != target.dtype and source.is_floating_point():
-                target.data = torch.empty_like(target, dtype=torch.promote_types(source.dtype, target.dtype))
-            target.copy_(source.to(dtype=target.dtype, device=target.device))
+        out._copy_parameters(parameters, PARAMETER_NAMES + ((SKIP_NAME,) if skip else ()))
         return out
 
     # ------------------------------------------------------------------ inference
