@@ -621,18 +621,17 @@ class Trainer:
         for unit in self.units:
             m = unit.module
             x_raw = batch[unit.spec.site].to(self.config.device)
+            x = m.normalize(x_raw)
+            target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
+                      if unit.spec.target_site else x).to(torch.float64)
             if self.config.initial_exclude_top_pcs:
-                _exclude_top_pcs(unit, m.normalize(x_raw), self.config.initial_exclude_top_pcs)
+                _exclude_top_pcs(unit, x, self.config.initial_exclude_top_pcs)
             if unit.lambda_base is None:
-                target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
-                          if unit.spec.target_site else m.normalize(x_raw))
-                unit.lambda_base = DEFAULT_TARGET_L0_LAMBDA * float(target.to(torch.float64).pow(2).sum(dim=1).mean())
+                unit.lambda_base = DEFAULT_TARGET_L0_LAMBDA * float(target.pow(2).sum(dim=1).mean())
             fit_skip = unit.W_skip is not None and self.config.initial_W_skip == "least_squares"
             if self.config.initial_b_dec == "mean" or fit_skip:
-                target = (m.normalize_target(batch[unit.spec.target_site].to(self.config.device))
-                          if unit.spec.target_site else m.normalize(x_raw)).to(torch.float64)
                 if fit_skip:
-                    x = m.normalize(x_raw).to(torch.float64)
+                    x = x.to(torch.float64)
                     w_skip = least_squares_map(x, target)
                     unit.W_skip.copy_(w_skip.to(unit.W_skip.dtype))
                     target = target - x @ w_skip
