@@ -186,7 +186,7 @@ class _Unit:
         w["tokens"] += batch_tokens
         w["loss"] += result.loss
         # FVU and MSE from the whole dictionary's error (with Matryoshka, `reconstruction` is the prefix sum)
-        full = getattr(result, "full_reconstruction", None)
+        full = result.full_reconstruction
         w["reconstruction"] += (result.reconstruction if full is None else full) * batch_tokens
         w["l0"] += result.l0 * batch_tokens
         w["variance"] += result.total_variance
