@@ -11,9 +11,20 @@ import torch
 
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.transcoder import JumpReLUTranscoder
+from saescope.train import sparse_kernels
 from saescope.train.fast_path import dense_training_step, sparse_training_step
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def step_path(request, monkeypatch):
+    """Every test runs twice: on the compiled CPU kernels (saescope.train.sparse_kernels) and on torch ops."""
+    if request.param == "torch":
+        monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "0")
+    elif sparse_kernels.load() is None:
+        pytest.skip("no C++ compiler here: the compiled kernels cannot be built")
+    return request.param
 
 
 def _spread(module, x_raw, bandwidth, seed):
@@ -340,6 +351,7 @@ def test_sparse_step_with_token_groups_equals_plain_search(monkeypatch, group, o
     from saescope.train import fast_path
 
     sae, x_raw = _spread_sae(torch.float32, True)
+    options = {**options, "kernels": False}                  # the torch path's candidate search
     monkeypatch.setattr(fast_path, "TOKEN_GROUP", 1)
     plain = _fast(sae, x_raw, 0.3, 0.05, **options)
     monkeypatch.setattr(fast_path, "TOKEN_GROUP", group)
@@ -349,7 +361,7 @@ def test_sparse_step_with_token_groups_equals_plain_search(monkeypatch, group, o
     monkeypatch.setattr(torch, "amax", lambda *a, **k: calls.append(1) or amax(*a, **k))
     grouped = _fast(sae, x_raw, 0.3, 0.05, **options)
     assert calls                                             # the grouped search ran
-    dense = dense_training_step(sae, x_raw, 0.3, **options)
+    dense = dense_training_step(sae, x_raw, 0.3, **{k: v for k, v in options.items() if k != "kernels"})
     _assert_same(grouped, dense, 1e-4, 2e-5)
     assert grouped.loss == plain.loss
     for name in PARAMS:

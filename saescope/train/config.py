@@ -222,6 +222,10 @@ class TrainConfig(BaseModel):
     device: str = "cpu"
     seed: int = 0
     fast_path: bool = Field(True, description="use the sparse step (same gradients as the dense one)")
+    cpu_kernels: bool = Field(
+        True, description="on the CPU, run the sparse step on its compiled kernels (saescope.train.sparse_kernels: "
+        "built on first use with the machine's C++ compiler; torch ops where there is none). Same gradients to "
+        "float rounding")
     latent_shards: int = Field(
         1, ge=1, description="under torch.distributed (torchrun): ranks that split each SAE's latents (W_enc "
         "columns, W_dec rows, b_enc/θ entries); the world is a grid data_shards × latent_shards, data_shards ranks "
@@ -320,7 +324,7 @@ class TrainConfig(BaseModel):
 
 
 RESUMABLE_CHANGES = ("total_tokens", "checkpoint_every", "log_every", "tensorboard", "wandb", "out_dir", "store",
-                     "device", "fast_path", "fast_path_max_density", "latent_shards")
+                     "device", "fast_path", "cpu_kernels", "fast_path_max_density", "latent_shards")
 """Settings that may differ between a checkpoint and the run resuming it."""
 
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from saescope.sae.losses import check_prefixes
+from saescope.train import sparse_kernels
+from saescope.train.decoder_norm import project_out_parallel_gradient
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 TOKEN_GROUP = 8    # tokens per group in the CPU candidate search (_candidates)
@@ -170,6 +172,8 @@ class StepResult:
     # mean over tokens of ‖t − x̂‖² with the whole dictionary (the last Matryoshka prefix): FVU's numerator.
     # Equal to ``reconstruction`` without Matryoshka; None where a caller built the result without it.
     full_reconstruction: float | None = None
+    # True where grads["W_dec"] already has each row's component along its decoder row removed
+    decoder_gradient_projected: bool = False
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -185,7 +189,7 @@ def sparse_training_step(
     x: torch.Tensor, target: torch.Tensor | None, sparsity_coefficient: float, bandwidth: float,
     apply_b_dec_to_input: bool = True, *, target_l0: float | None = None,
     matryoshka_prefixes: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
-    W_skip: torch.Tensor | None = None,
+    W_skip: torch.Tensor | None = None, kernels: bool = True, project_decoder_gradient: bool = False,
 ) -> StepResult:
     """One step's loss and gradients on a normalized batch ``x [B, d_in]`` (target ``None``: reconstruct x).
 
@@ -203,11 +207,126 @@ def sparse_training_step(
     - ``W_skip [d_in, d_out]`` (skip transcoder, Gemma Scope 2): ``x̂ = f W_dec + b_dec + x W_skip`` with ``x``
       the normalized input (never minus ``b_dec``); the skip term is in every Matryoshka prefix, like
       ``b_dec``; ``grads["W_skip"] = xᵀ ∂L/∂x̂``.
+
+    ``project_decoder_gradient``: return ``∂L/∂W_dec`` with each row's component along its decoder row removed
+    (:func:`saescope.train.decoder_norm.project_out_parallel_gradient`, done by the trainer before Adam);
+    the compiled kernels do it while the row is in cache. ``decoder_gradient_projected`` in the result says so.
+
+    On the CPU, with ``kernels`` (the default) and a C++ compiler at hand, the step runs on the compiled
+    kernels of :mod:`saescope.train.sparse_kernels` (all but Matryoshka; float32 or float64 throughout);
+    otherwise, or when it finds more candidate pairs than 1/8 of the entries, on torch ops.
     """
     with _Threads(x.device) as threads:
-        return _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
-                            apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
-                            threads)
+        lib = sparse_kernels.load() if kernels and _kernels_apply(
+            x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip, matryoshka_prefixes) else None
+        if lib is not None:
+            result = _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient,
+                                    bandwidth, apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient,
+                                    threads)
+            if result is not None:
+                return result
+        result = _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
+                              apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
+                              threads)
+    if project_decoder_gradient:
+        project_out_parallel_gradient(W_dec, result.grads["W_dec"])
+        result.decoder_gradient_projected = True
+    return result
+
+
+def _kernels_apply(x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip, matryoshka_prefixes) -> bool:
+    """Whether the compiled kernels take this step: CPU, one float dtype throughout, no Matryoshka."""
+    tensors = [t for t in (x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) if t is not None]
+    return (matryoshka_prefixes is None and x.device.type == "cpu" and x.dtype in sparse_kernels.DTYPES
+            and all(t.dtype == x.dtype and t.device.type == "cpu" for t in tensors))
+
+
+def _pair_capacity(B: int, d_sae: int) -> int:
+    """Room for the candidate pairs of the compiled step: every entry for small steps, else ``GROUPED_UP_TO``
+    of them (the trainer takes the dense step long before that density)."""
+    return B * d_sae if B * d_sae <= 1 << 22 else int(GROUPED_UP_TO * B * d_sae)
+
+
+def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
+                   apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient, threads) -> StepResult | None:
+    """:func:`_sparse_step` on the compiled kernels (``sparse_kernels.cpp``); None where the candidate pairs
+    exceed the buffer (more than ``GROUPED_UP_TO`` of the entries: the torch path is then as fast)."""
+    if target is None:
+        target = x
+    B, d_in = x.shape
+    d_sae, d_out = W_enc.shape[1], W_dec.shape[1]
+    eps, lam = float(bandwidth), float(sparsity_coefficient)
+    if target_l0 is not None:
+        target_l0 = float(target_l0)
+        if not target_l0 > 0:
+            raise ValueError(f"target_l0 must be positive, got {target_l0}")
+    dt, n, ptr = sparse_kernels.DTYPES[x.dtype], threads.count, sparse_kernels.ptr
+    xc = (x - b_dec if apply_b_dec_to_input else x).contiguous()
+    W_dec, b_enc, threshold = W_dec.contiguous(), b_enc.contiguous(), threshold.contiguous()
+    lower = (threshold - eps - b_enc).contiguous()       # pre-filter z − θ > −ε, as in _sparse_step
+    with threads.all("product"):
+        xw = torch.mm(xc, W_enc, out=_workspace((B, d_sae), W_enc.dtype, W_enc.device))
+    capacity = _pair_capacity(B, d_sae)
+    cols = _workspace((1, capacity), torch.int32, x.device).view(-1)
+    values = _workspace((2, capacity), x.dtype, x.device)[0]
+    row_offsets = torch.empty(B + 1, dtype=torch.int64)
+    P = lib.saescope_scan_candidates(dt, ptr(xw), ptr(lower), B, d_sae, ptr(cols), ptr(values), capacity,
+                                     ptr(row_offsets), n)
+    if P < 0:
+        return None
+    cols = cols[:P]
+    zv = values[:P].clone()                                # (x − b_dec)W_enc at the pairs; z after the forward
+
+    # z, flags, L0 and ‖x̂ − t‖² per token, and ∂L/∂x̂ = (2/B)(x̂ − t) with x̂ = f W_dec + b_dec (+ x W_skip)
+    skip = None
+    if W_skip is not None:
+        with threads.all("product"):
+            skip = x @ W_skip
+    flags = torch.empty(P, dtype=torch.uint8)
+    l0_counts = torch.empty(B, dtype=torch.int64)
+    reconstruction = torch.empty(B, dtype=x.dtype)
+    g_xhat = torch.empty(B, d_out, dtype=x.dtype)
+    target, b_dec = target.contiguous(), b_dec.contiguous()
+    lib.saescope_forward(dt, B, d_out, ptr(row_offsets), ptr(cols), ptr(b_enc), ptr(threshold), eps, ptr(W_dec),
+                         ptr(b_dec), ptr(target), ptr(skip), 2.0 / B, ptr(zv), ptr(flags), ptr(l0_counts),
+                         ptr(reconstruction), ptr(g_xhat), n)
+
+    latent_offsets = torch.empty(d_sae + 1, dtype=torch.int64)
+    pair_of = torch.empty(P, dtype=torch.int32)
+    token_of = torch.empty(P, dtype=torch.int32)
+    lib.saescope_latent_order(B, d_sae, ptr(row_offsets), ptr(cols), ptr(latent_offsets), ptr(pair_of),
+                              ptr(token_of))
+    if target_l0 is None:
+        penalty, token_scale = l0_counts.to(reconstruction.dtype), None
+    else:
+        excess = l0_counts.to(torch.float64) - target_l0
+        penalty = ((2.0 / target_l0) * excess.pow(2)).to(reconstruction.dtype)
+        token_scale = ((4.0 / target_l0) * excess).to(x.dtype).contiguous()
+    grad_W_dec = torch.empty(d_sae, d_out, dtype=x.dtype)
+    grad_W_enc_t = torch.empty(d_sae, d_in, dtype=x.dtype)
+    grad_b_enc = torch.empty(d_sae, dtype=x.dtype)
+    grad_threshold = torch.empty(d_sae, dtype=x.dtype)
+    fired = torch.empty(d_sae, dtype=torch.uint8)
+    lib.saescope_backward(dt, d_sae, d_in, d_out, ptr(latent_offsets), ptr(pair_of), ptr(token_of), ptr(zv),
+                          ptr(flags), ptr(threshold), eps, (lam / B) / eps, ptr(token_scale), ptr(W_dec),
+                          ptr(g_xhat), ptr(xc), ptr(grad_W_dec), ptr(grad_W_enc_t), ptr(grad_b_enc),
+                          ptr(grad_threshold), ptr(fired), int(project_decoder_gradient), n)
+    grad_b_dec = g_xhat.sum(dim=0)
+    if apply_b_dec_to_input:
+        with threads.all("product"):
+            grad_b_dec -= W_enc @ grad_b_enc
+    grads = {"W_enc": grad_W_enc_t.t(), "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
+             "threshold": grad_threshold}
+    if W_skip is not None:
+        with threads.all("product"):
+            grads["W_skip"] = x.t() @ g_xhat
+    loss = (reconstruction + lam * penalty).mean()
+    centred = target - target.mean(dim=0)
+    return StepResult(
+        loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
+        total_variance=float(centred.pow(2).sum()), fired=fired.bool(), grads=grads,
+        full_reconstruction=float(reconstruction.mean()), decoder_gradient_projected=project_decoder_gradient,
+    )
 
 
 def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,

@@ -153,7 +153,8 @@ class _Unit:
                 options["W_skip"] = self.W_skip.detach()
             result = sparse_training_step(m.W_enc.detach(), m.b_enc.detach(), m.W_dec.detach(),
                                           m.b_dec.detach(), m.threshold.detach(), x, target, lam,
-                                          m.config.bandwidth, m.config.apply_b_dec_to_input, **options)
+                                          m.config.bandwidth, m.config.apply_b_dec_to_input, **options,
+                                          kernels=config.cpu_kernels, project_decoder_gradient=True)
         else:
             for p in m.parameters():
                 p.requires_grad_(True)
@@ -168,7 +169,8 @@ class _Unit:
         self.density = result.l0 / spec.width
         grads = dict(result.grads)
         with torch.no_grad():
-            project_out_parallel_gradient(m.W_dec, grads["W_dec"])
+            if not result.decoder_gradient_projected:
+                project_out_parallel_gradient(m.W_dec, grads["W_dec"])
             grads["W_enc"] = grads["W_enc"].t()
             if self.log_threshold is not None:
                 grads["threshold"] = grads["threshold"] * m.threshold     # ∂L/∂log θ = θ·∂L/∂θ

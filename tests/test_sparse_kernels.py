@@ -1,0 +1,208 @@
+"""The compiled CPU kernels of the sparse step (saescope/train/sparse_kernels.cpp) against independent references:
+the dense autograd step (float64), torch's compare + nonzero, torch's decoder-gradient projection, and
+themselves on other thread counts (bit for bit). tests/test_fast_path.py runs its whole file on both paths too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.transcoder import JumpReLUTranscoder
+from saescope.train import fast_path, sparse_kernels
+from saescope.train.decoder_norm import project_out_parallel_gradient
+from saescope.train.fast_path import dense_training_step, sparse_training_step
+
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+pytestmark = pytest.mark.skipif(sparse_kernels.load() is None, reason="no C++ compiler: the kernels cannot be built")
+
+
+@pytest.fixture
+def compiled_only(monkeypatch):
+    """Make the torch path fail, so a passing test has run on the compiled kernels."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch path ran; the compiled kernels should have taken this step")
+    monkeypatch.setattr(fast_path, "_sparse_step", refuse)
+
+
+def _module(dtype, apply_b_dec=True, transcoder=False, skip=False, seed=3, d_in=40, d_sae=300, batch=257):
+    """A module with thresholds at a per-latent quantile (about 1 in 12 tokens active) and some pre-activations
+    planted just inside the window on both sides, and its raw input (and target)."""
+    bandwidth = 0.05
+    g = torch.Generator().manual_seed(seed)
+    if transcoder:
+        module = JumpReLUTranscoder(d_in, d_sae, norm_scale=2.0, d_out=24, skip=skip, dtype=dtype, seed=seed,
+                                    bandwidth=bandwidth)
+        y = torch.randn(batch, 24, generator=g, dtype=torch.float64).to(dtype)
+    else:
+        module = JumpReLUSAE(d_in, d_sae, norm_scale=2.0, dtype=dtype, seed=seed, bandwidth=bandwidth,
+                             apply_b_dec_to_input=apply_b_dec)
+        y = None
+    x = (torch.randn(batch, d_in, generator=g, dtype=torch.float64) * 2).to(dtype)
+    with torch.no_grad():
+        module.b_enc.copy_((torch.randn(d_sae, generator=g, dtype=torch.float64) * 0.1).to(dtype))
+        module.b_dec.copy_((torch.randn(module.b_dec.shape[0], generator=g, dtype=torch.float64) * 0.1).to(dtype))
+        if skip:
+            module.W_skip.copy_((torch.randn(d_in, 24, generator=g, dtype=torch.float64) * 0.2).to(dtype))
+        z = module.pre_activations(x).to(torch.float64)
+        module.threshold.copy_(torch.quantile(z, 11 / 12, dim=0).clamp_min(0.05).to(dtype))
+        z = module.pre_activations(x)
+        for i in range(0, d_sae, 4):
+            side = 0.25 if i % 8 else -0.25
+            module.b_enc[i] += (module.threshold[i] + side * bandwidth - z[i % batch, i]).to(dtype)
+    return module, x, y
+
+
+def _step(module, x_raw, y_raw, lam=0.3, **options):
+    x = module.normalize(x_raw)
+    y = module.normalize_target(y_raw) if y_raw is not None else None
+    if getattr(module, "W_skip", None) is not None:
+        options["W_skip"] = module.W_skip.detach()
+    return sparse_training_step(*(getattr(module, n).detach() for n in PARAMS), x, y, lam,
+                                module.config.bandwidth, module.config.apply_b_dec_to_input, **options)
+
+
+def _assert_same(fast, dense, rtol, atol, names):
+    assert fast.loss == pytest.approx(dense.loss, rel=rtol)
+    assert fast.l0 == pytest.approx(dense.l0, rel=1e-12)
+    assert fast.reconstruction == pytest.approx(dense.reconstruction, rel=rtol)
+    assert fast.total_variance == pytest.approx(dense.total_variance, rel=rtol)
+    assert torch.equal(fast.fired, dense.fired)
+    for name in names:
+        torch.testing.assert_close(fast.grads[name], dense.grads[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize(("dtype", "rtol", "atol"), [(torch.float64, 1e-10, 1e-13), (torch.float32, 2e-4, 2e-6)])
+@pytest.mark.parametrize("case", ["sae", "sae_no_pre_bias", "sae_target_l0", "transcoder", "skip_transcoder"])
+def test_compiled_step_equals_dense_autograd(compiled_only, dtype, rtol, atol, case):
+    module, x, y = _module(dtype, apply_b_dec=case != "sae_no_pre_bias", transcoder="transcoder" in case,
+                           skip=case == "skip_transcoder")
+    options = {"target_l0": 20.0} if case in ("sae_target_l0", "skip_transcoder") else {}
+    z = module.pre_activations(x).detach().to(torch.float64)
+    u = (z - module.threshold.detach().to(torch.float64)) / module.config.bandwidth
+    assert int(((u > 0) & (u < 0.5)).sum()) >= 20 and int(((u <= 0) & (u > -0.5)).sum()) >= 20   # window used
+    dense = dense_training_step(module, x, 0.3, y, **options)
+    fast = _step(module, x, y, **options)
+    names = (*PARAMS, "W_skip") if case == "skip_transcoder" else PARAMS
+    _assert_same(fast, dense, rtol, atol, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("d", [16, 200, 4093])
+def test_scan_finds_exactly_the_entries_above_the_bound(dtype, threads, d):
+    """Candidates = torch's ``nonzero(xw > lower)`` in row-major order, with the values at them: ties are not
+    candidates (strict >), the next float up is, NaN never is; widths not a multiple of the vector length."""
+    g = torch.Generator().manual_seed(d + threads)
+    B = 37
+    xw = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype)
+    lower = torch.quantile(xw.double(), 0.9, dim=0).to(dtype)
+    xw[::2, 7 % d] = lower[7 % d]
+    xw[1::3, 8 % d] = torch.nextafter(lower[8 % d], torch.tensor(float("inf"), dtype=dtype))
+    xw[5, : d // 2] = float("nan")
+    expected = torch.nonzero((xw > lower).view(-1)).squeeze(1)
+    capacity = B * d
+    cols = torch.empty(capacity, dtype=torch.int32)
+    values = torch.empty(capacity, dtype=dtype)
+    offsets = torch.empty(B + 1, dtype=torch.int64)
+    lib = sparse_kernels.load()
+    P = lib.saescope_scan_candidates(sparse_kernels.DTYPES[dtype], xw.data_ptr(), lower.data_ptr(), B, d,
+                                     cols.data_ptr(), values.data_ptr(), capacity, offsets.data_ptr(), threads)
+    assert P == len(expected) > 0
+    rows = torch.repeat_interleave(torch.arange(B), offsets.diff())
+    assert torch.equal(rows * d + cols[:P].long(), expected)
+    assert torch.equal(values[:P], xw.view(-1)[expected])
+    # too small a buffer: -1 (the caller then takes the torch path), never a write past its end
+    assert lib.saescope_scan_candidates(sparse_kernels.DTYPES[dtype], xw.data_ptr(), lower.data_ptr(), B, d,
+                                        cols.data_ptr(), values.data_ptr(), P - 1, offsets.data_ptr(), threads) == -1
+
+
+@pytest.mark.parametrize("options", [{}, {"target_l0": 15.0}])
+def test_compiled_step_is_the_same_on_any_thread_count(compiled_only, options):
+    """Work is split by tokens (forward) and latents (backward), each output written by one thread in a fixed
+    order: 1, 2 and 3 threads give the same bits (so CPU runs resume bit for bit)."""
+    module, x, _ = _module(torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_step(module, x, None, **options))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert other.loss == results[0].loss
+        for name in PARAMS:
+            assert torch.equal(other.grads[name], results[0].grads[name]), name
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_projected_decoder_gradient(kernels):
+    """``project_decoder_gradient``: ∂L/∂W_dec with each row's component along its decoder row removed, as
+    decoder_norm.project_out_parallel_gradient does (on rows of any norm)."""
+    module, x, _ = _module(torch.float64)
+    with torch.no_grad():
+        module.W_dec.mul_(torch.linspace(0.5, 2.0, module.d_sae, dtype=torch.float64).unsqueeze(1))
+    plain = _step(module, x, None, kernels=kernels)
+    projected = _step(module, x, None, kernels=kernels, project_decoder_gradient=True)
+    assert not plain.decoder_gradient_projected and projected.decoder_gradient_projected
+    expected = project_out_parallel_gradient(module.W_dec.detach(), plain.grads["W_dec"].clone())
+    torch.testing.assert_close(projected.grads["W_dec"], expected, rtol=1e-10, atol=1e-13)
+    dots = (projected.grads["W_dec"] * module.W_dec.detach()).sum(dim=1)
+    assert dots.abs().max() < 1e-12 < plain.grads["W_dec"].mul(module.W_dec.detach()).sum(dim=1).abs().max()
+
+
+def test_full_buffer_falls_back_to_torch(monkeypatch):
+    """More candidate pairs than the buffer holds: the step runs on torch ops, with the same result."""
+    module, x, _ = _module(torch.float64)
+    reference = _step(module, x, None, kernels=False)
+    calls = []
+    torch_step = fast_path._sparse_step
+    monkeypatch.setattr(fast_path, "_sparse_step", lambda *a: calls.append(1) or torch_step(*a))
+    monkeypatch.setattr(fast_path, "_pair_capacity", lambda B, d_sae: 10)
+    result = _step(module, x, None)
+    assert calls
+    assert result.loss == reference.loss
+    for name in PARAMS:
+        assert torch.equal(result.grads[name], reference.grads[name]), name
+
+
+def test_no_compiler_means_torch_ops_and_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(sparse_kernels, "_STATE", {})
+    monkeypatch.setattr(sparse_kernels, "_compiler", lambda: None)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert sparse_kernels.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sparse_kernels.load() is None          # said once
+        module, x, _ = _module(torch.float64)
+        dense = dense_training_step(module, x, 0.3)
+        _assert_same(_step(module, x, None), dense, 1e-10, 1e-13, PARAMS)
+
+
+def test_build_is_cached_per_source(monkeypatch, tmp_path):
+    """A build lands in $SAESCOPE_CACHE/kernels under a hash of source, flags, compiler and CPU: loading again
+    reuses it; a changed source builds its own."""
+    monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(sparse_kernels, "_STATE", {})
+    assert sparse_kernels.load() is not None
+    built = sorted((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(sparse_kernels, "_STATE", {})
+    assert sparse_kernels.load() is not None
+    assert sorted((tmp_path / "kernels").glob("*.so")) == built
+    changed = tmp_path / "sparse_kernels.cpp"
+    changed.write_text(sparse_kernels.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(sparse_kernels, "SOURCE", changed)
+    monkeypatch.setattr(sparse_kernels, "_STATE", {})
+    assert sparse_kernels.load() is not None
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 2
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "0")
+    assert sparse_kernels.load() is None
