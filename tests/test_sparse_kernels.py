@@ -91,13 +91,21 @@ def test_compiled_step_equals_dense_autograd(compiled_only, dtype, rtol, atol, c
     _assert_same(fast, dense, rtol, atol, names)
 
 
+def _scan(lib, dtype, block, lower, col_offset, cols, values, capacity, counts, threads):
+    B, width = block.shape
+    return lib.saescope_scan_candidates(sparse_kernels.DTYPES[dtype], block.data_ptr(), lower.data_ptr(), B, width,
+                                        col_offset, cols.data_ptr(), values.data_ptr(), capacity,
+                                        counts.data_ptr(), threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("d", [16, 200, 4093])
-def test_scan_finds_exactly_the_entries_above_the_bound(dtype, threads, d):
-    """Candidates = torch's ``nonzero(xw > lower)`` in row-major order, with the values at them: ties are not
-    candidates (strict >), the next float up is, NaN never is; widths not a multiple of the vector length."""
-    g = torch.Generator().manual_seed(d + threads)
+@pytest.mark.parametrize(("d", "width"), [(16, 16), (200, 200), (4093, 4093), (4093, 640), (200, 64)])
+def test_scan_finds_exactly_the_entries_above_the_bound(dtype, threads, d, width):
+    """Blocks of columns scanned then merged = torch's ``nonzero(xw > lower)`` in row-major order, with the
+    values there: ties are not candidates (strict >), the next float up is, NaN never is; widths not a
+    multiple of the vector length."""
+    g = torch.Generator().manual_seed(d + threads + width)
     B = 37
     xw = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype)
     lower = torch.quantile(xw.double(), 0.9, dim=0).to(dtype)
@@ -106,19 +114,41 @@ def test_scan_finds_exactly_the_entries_above_the_bound(dtype, threads, d):
     xw[5, : d // 2] = float("nan")
     expected = torch.nonzero((xw > lower).view(-1)).squeeze(1)
     capacity = B * d
-    cols = torch.empty(capacity, dtype=torch.int32)
-    values = torch.empty(capacity, dtype=dtype)
-    offsets = torch.empty(B + 1, dtype=torch.int64)
+    found_cols = torch.empty(capacity, dtype=torch.int32)
+    found_values = torch.empty(capacity, dtype=dtype)
+    starts = list(range(0, d, width))
+    counts = torch.empty(len(starts), B, dtype=torch.int64)
+    block_start = torch.zeros(len(starts), dtype=torch.int64)
     lib = sparse_kernels.load()
-    P = lib.saescope_scan_candidates(sparse_kernels.DTYPES[dtype], xw.data_ptr(), lower.data_ptr(), B, d,
-                                     cols.data_ptr(), values.data_ptr(), capacity, offsets.data_ptr(), threads)
+    P = 0
+    for k, c0 in enumerate(starts):
+        block = xw[:, c0:c0 + width].contiguous()
+        block_start[k] = P
+        P += _scan(lib, dtype, block, lower[c0:c0 + width].contiguous(), c0, found_cols[P:], found_values[P:],
+                   capacity - P, counts[k], threads)
     assert P == len(expected) > 0
+    cols = torch.empty(P, dtype=torch.int32)
+    values = torch.empty(P, dtype=dtype)
+    offsets = torch.empty(B + 1, dtype=torch.int64)
+    lib.saescope_merge_blocks(sparse_kernels.DTYPES[dtype], len(starts), B, counts.data_ptr(), block_start.data_ptr(),
+                              found_cols.data_ptr(), found_values.data_ptr(), cols.data_ptr(), values.data_ptr(),
+                              offsets.data_ptr())
     rows = torch.repeat_interleave(torch.arange(B), offsets.diff())
-    assert torch.equal(rows * d + cols[:P].long(), expected)
-    assert torch.equal(values[:P], xw.view(-1)[expected])
+    assert torch.equal(rows * d + cols.long(), expected)
+    assert torch.equal(values, xw.view(-1)[expected])
     # too small a buffer: -1 (the caller then takes the torch path), never a write past its end
-    assert lib.saescope_scan_candidates(sparse_kernels.DTYPES[dtype], xw.data_ptr(), lower.data_ptr(), B, d,
-                                        cols.data_ptr(), values.data_ptr(), P - 1, offsets.data_ptr(), threads) == -1
+    guard = torch.full((P + 64,), -7, dtype=torch.int32)
+    assert _scan(lib, dtype, xw, lower, 0, guard, found_values, P - 1, counts[0], threads) == -1
+    assert torch.all(guard[P - 1:] == -7)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 128 * 257 * 8, 1 << 30])
+def test_compiled_step_with_product_blocks(compiled_only, monkeypatch, block_bytes):
+    """The encoder product made block by block (blocks of 64 latents, of 128 and a remainder of 44, one block)
+    gives the dense step's result."""
+    monkeypatch.setattr(fast_path, "PRODUCT_BLOCK_BYTES", block_bytes)
+    module, x, _ = _module(torch.float64)
+    _assert_same(_step(module, x, None), dense_training_step(module, x, 0.3), 1e-10, 1e-13, PARAMS)
 
 
 @pytest.mark.parametrize("options", [{}, {"target_l0": 15.0}])
@@ -206,3 +236,17 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path):
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "0")
     assert sparse_kernels.load() is None
+
+
+def test_reused_gradient_buffers_give_the_same_gradients(compiled_only):
+    """``reuse_gradient_buffers``: the big gradients land in buffers kept between calls (overwritten by the
+    next call), with the values of fresh ones — also when another module's step used them in between."""
+    module, x, _ = _module(torch.float32)
+    other, x_other, _ = _module(torch.float32, seed=9)
+    fresh = _step(module, x, None)
+    first = _step(module, x, None, reuse_gradient_buffers=True)
+    _step(other, x_other, None, reuse_gradient_buffers=True)
+    again = _step(module, x, None, reuse_gradient_buffers=True)
+    assert again.grads["W_dec"].data_ptr() == first.grads["W_dec"].data_ptr()     # the same buffer
+    for name in PARAMS:
+        assert torch.equal(again.grads[name], fresh.grads[name]), name

@@ -53,10 +53,10 @@ GROUPED_UP_TO = 1 / 8   # ... used while the cells it must check hold at most th
 PARALLEL_OPS: frozenset[str] = frozenset({"product"})
 
 
-def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, tag: str = "") -> torch.Tensor:
     """A reused buffer for the pre-activations and their mask (a fresh 268 MB tensor per step costs page
-    faults)."""
-    key = (shape, dtype, device)
+    faults), and other large per-step arrays (``tag`` tells apart buffers of one shape)."""
+    key = (shape, dtype, device, tag)
     buf = _WORKSPACE.get(key)
     if buf is None:
         if len(_WORKSPACE) >= 16:
@@ -190,6 +190,7 @@ def sparse_training_step(
     apply_b_dec_to_input: bool = True, *, target_l0: float | None = None,
     matryoshka_prefixes: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
     W_skip: torch.Tensor | None = None, kernels: bool = True, project_decoder_gradient: bool = False,
+    reuse_gradient_buffers: bool = False,
 ) -> StepResult:
     """One step's loss and gradients on a normalized batch ``x [B, d_in]`` (target ``None``: reconstruct x).
 
@@ -212,19 +213,23 @@ def sparse_training_step(
     (:func:`saescope.train.decoder_norm.project_out_parallel_gradient`, done by the trainer before Adam);
     the compiled kernels do it while the row is in cache. ``decoder_gradient_projected`` in the result says so.
 
+    ``reuse_gradient_buffers``: the compiled kernels write ``∂L/∂W_enc`` and ``∂L/∂W_dec`` into buffers kept
+    between calls (the next such call overwrites them), saving the page faults of two fresh large tensors.
+
     On the CPU, with ``kernels`` (the default) and a C++ compiler at hand, the step runs on the compiled
     kernels of :mod:`saescope.train.sparse_kernels` (all but Matryoshka; float32 or float64 throughout);
     otherwise, or when it finds more candidate pairs than 1/8 of the entries, on torch ops.
     """
+    lib = sparse_kernels.load() if kernels and _kernels_apply(
+        x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip, matryoshka_prefixes) else None
+    result = None
+    if lib is not None:     # its few torch ops run on all threads; the kernels split their work themselves
+        result = _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient,
+                                bandwidth, apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient,
+                                reuse_gradient_buffers, torch.get_num_threads())
+        if result is not None:
+            return result
     with _Threads(x.device) as threads:
-        lib = sparse_kernels.load() if kernels and _kernels_apply(
-            x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip, matryoshka_prefixes) else None
-        if lib is not None:
-            result = _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient,
-                                    bandwidth, apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient,
-                                    threads)
-            if result is not None:
-                return result
         result = _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
                               apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
                               threads)
@@ -241,6 +246,16 @@ def _kernels_apply(x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip, mat
             and all(t.dtype == x.dtype and t.device.type == "cpu" for t in tensors))
 
 
+PRODUCT_BLOCK_BYTES = 1 << 25    # the compiled step's encoder product is made in blocks of latents of this size
+
+
+def _block_width(B: int, d_sae: int, element_size: int) -> int:
+    """Latents per block of the compiled step's encoder product: ``PRODUCT_BLOCK_BYTES`` of output (a
+    multiple of 64 latents), or all of them."""
+    width = max(64, PRODUCT_BLOCK_BYTES // (B * element_size) // 64 * 64)
+    return min(width, d_sae)
+
+
 def _pair_capacity(B: int, d_sae: int) -> int:
     """Room for the candidate pairs of the compiled step: every entry for small steps, else ``GROUPED_UP_TO``
     of them (the trainer takes the dense step long before that density)."""
@@ -248,7 +263,8 @@ def _pair_capacity(B: int, d_sae: int) -> int:
 
 
 def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
-                   apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient, threads) -> StepResult | None:
+                   apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient, reuse_gradient_buffers,
+                   n) -> StepResult | None:
     """:func:`_sparse_step` on the compiled kernels (``sparse_kernels.cpp``); None where the candidate pairs
     exceed the buffer (more than ``GROUPED_UP_TO`` of the entries: the torch path is then as fast)."""
     if target is None:
@@ -260,28 +276,43 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
         target_l0 = float(target_l0)
         if not target_l0 > 0:
             raise ValueError(f"target_l0 must be positive, got {target_l0}")
-    dt, n, ptr = sparse_kernels.DTYPES[x.dtype], threads.count, sparse_kernels.ptr
+    dt, ptr = sparse_kernels.DTYPES[x.dtype], sparse_kernels.ptr
     xc = (x - b_dec if apply_b_dec_to_input else x).contiguous()
     W_dec, b_enc, threshold = W_dec.contiguous(), b_enc.contiguous(), threshold.contiguous()
     lower = (threshold - eps - b_enc).contiguous()       # pre-filter z − θ > −ε, as in _sparse_step
-    with threads.all("product"):
-        xw = torch.mm(xc, W_enc, out=_workspace((B, d_sae), W_enc.dtype, W_enc.device))
+    # The product block by block of latents, each block scanned for its pairs while it is still in cache
+    # (one reused block buffer: faster than writing and re-reading the whole [B, d_sae] product).
+    width = _block_width(B, d_sae, x.element_size())
+    starts = list(range(0, d_sae, width))
+    block = _workspace((B, width), x.dtype, x.device)
     capacity = _pair_capacity(B, d_sae)
-    cols = _workspace((1, capacity), torch.int32, x.device).view(-1)
-    values = _workspace((2, capacity), x.dtype, x.device)[0]
+    found_cols = _workspace((1, capacity), torch.int32, x.device).view(-1)
+    found_values = _workspace((2, capacity), x.dtype, x.device)[0]
+    counts = torch.empty(len(starts), B, dtype=torch.int64)
+    block_start = torch.zeros(len(starts), dtype=torch.int64)
+    P = 0
+    for k, c0 in enumerate(starts):
+        c1 = min(c0 + width, d_sae)
+        out = block if c1 - c0 == width else block.view(-1)[:B * (c1 - c0)].view(B, c1 - c0)
+        torch.mm(xc, W_enc[:, c0:c1], out=out)
+        block_start[k] = P
+        n_found = lib.saescope_scan_candidates(dt, ptr(out), ptr(lower) + c0 * lower.element_size(), B, c1 - c0,
+                                               c0, ptr(found_cols) + 4 * P,
+                                               ptr(found_values) + P * found_values.element_size(),
+                                               capacity - P, ptr(counts[k]), n)
+        if n_found < 0:
+            return None
+        P += n_found
+    cols = torch.empty(P, dtype=torch.int32)
+    zv = torch.empty(P, dtype=x.dtype)                     # (x − b_dec)W_enc at the pairs; z after the forward
     row_offsets = torch.empty(B + 1, dtype=torch.int64)
-    P = lib.saescope_scan_candidates(dt, ptr(xw), ptr(lower), B, d_sae, ptr(cols), ptr(values), capacity,
-                                     ptr(row_offsets), n)
-    if P < 0:
-        return None
-    cols = cols[:P]
-    zv = values[:P].clone()                                # (x − b_dec)W_enc at the pairs; z after the forward
+    lib.saescope_merge_blocks(dt, len(starts), B, ptr(counts), ptr(block_start), ptr(found_cols),
+                              ptr(found_values), ptr(cols), ptr(zv), ptr(row_offsets))
 
     # z, flags, L0 and ‖x̂ − t‖² per token, and ∂L/∂x̂ = (2/B)(x̂ − t) with x̂ = f W_dec + b_dec (+ x W_skip)
     skip = None
     if W_skip is not None:
-        with threads.all("product"):
-            skip = x @ W_skip
+        skip = x @ W_skip
     flags = torch.empty(P, dtype=torch.uint8)
     l0_counts = torch.empty(B, dtype=torch.int64)
     reconstruction = torch.empty(B, dtype=x.dtype)
@@ -302,8 +333,12 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
         excess = l0_counts.to(torch.float64) - target_l0
         penalty = ((2.0 / target_l0) * excess.pow(2)).to(reconstruction.dtype)
         token_scale = ((4.0 / target_l0) * excess).to(x.dtype).contiguous()
-    grad_W_dec = torch.empty(d_sae, d_out, dtype=x.dtype)
-    grad_W_enc_t = torch.empty(d_sae, d_in, dtype=x.dtype)
+    if reuse_gradient_buffers:   # fresh tensors this large are new memory each step: page faults (~15 ms)
+        grad_W_dec = _workspace((d_sae, d_out), x.dtype, x.device, "grad_W_dec")
+        grad_W_enc_t = _workspace((d_sae, d_in), x.dtype, x.device, "grad_W_enc")
+    else:
+        grad_W_dec = torch.empty(d_sae, d_out, dtype=x.dtype)
+        grad_W_enc_t = torch.empty(d_sae, d_in, dtype=x.dtype)
     grad_b_enc = torch.empty(d_sae, dtype=x.dtype)
     grad_threshold = torch.empty(d_sae, dtype=x.dtype)
     fired = torch.empty(d_sae, dtype=torch.uint8)
@@ -313,18 +348,15 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
                           ptr(grad_threshold), ptr(fired), int(project_decoder_gradient), n)
     grad_b_dec = g_xhat.sum(dim=0)
     if apply_b_dec_to_input:
-        with threads.all("product"):
-            grad_b_dec -= W_enc @ grad_b_enc
+        grad_b_dec -= W_enc @ grad_b_enc
     grads = {"W_enc": grad_W_enc_t.t(), "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
              "threshold": grad_threshold}
     if W_skip is not None:
-        with threads.all("product"):
-            grads["W_skip"] = x.t() @ g_xhat
+        grads["W_skip"] = x.t() @ g_xhat
     loss = (reconstruction + lam * penalty).mean()
-    centred = target - target.mean(dim=0)
     return StepResult(
         loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
-        total_variance=float(centred.pow(2).sum()), fired=fired.bool(), grads=grads,
+        total_variance=float(torch.linalg.vector_norm(target - target.mean(dim=0))) ** 2, fired=fired.bool(), grads=grads,
         full_reconstruction=float(reconstruction.mean()), decoder_gradient_projected=project_decoder_gradient,
     )
 

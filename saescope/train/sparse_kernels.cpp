@@ -4,7 +4,9 @@
 // ctypes on the tensors' memory). Each kernel is the fused form of a few torch ops of the sparse step, with
 // the same math; see fast_path.py for the equations (JumpReLU paper eqs. 11-12, recipe §1):
 //
-//   scan_candidates  the (token, latent) pairs with xw_bi > lower_i, row-major (a compare + nonzero)
+//   scan_candidates  the (token, latent) pairs with xw_bi > lower_i in one block of columns of the product,
+//                    row-major (a compare + nonzero), with the values there
+//   merge_blocks     the blocks' pairs into one row-major list
 //   forward          z, the active / window flags, L0 per token, and the residual x̂ − t of each token
 //                    (a bag-sum of active decoder rows onto b_dec (+ x W_skip) − t)
 //   latent_order     the pairs grouped by latent, tokens ascending (a counting sort)
@@ -97,28 +99,51 @@ int64_t scan_rows(const T* xw, const T* lower, int64_t d, int64_t b0, int64_t b1
 }
 
 template <class T>
-int64_t scan_candidates(const T* xw, const T* lower, int64_t B, int64_t d, int32_t* cols, T* vals,
-                        int64_t capacity, int64_t* row_offsets, int nthreads) {
-  // row_offsets[b + 1] first holds row b's count, then the prefix sums
+int64_t scan_candidates(const T* xw, const T* lower, int64_t B, int64_t d, int64_t col_offset, int32_t* cols,
+                        T* vals, int64_t capacity, int64_t* row_counts, int nthreads) {
+  // xw [B, d]: one block of columns of the product, the latents col_offset … col_offset + d − 1.
+  // Writes the pairs row-major (latent indices + col_offset, and the values) and each row's count.
   nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, B)));
   std::vector<int64_t> found(nthreads, 0);
-  int64_t* counts = row_offsets + 1;
+  int64_t slice = capacity / nthreads;
   run_parallel(nthreads, B, [&](int t, int64_t b0, int64_t b1) {
-    int64_t slice = capacity / nthreads;
-    found[t] = scan_rows(xw, lower, d, b0, b1, cols + slice * t, vals + slice * t, slice, counts);
+    found[t] = scan_rows(xw, lower, d, b0, b1, cols + slice * t, vals + slice * t, slice, row_counts);
   });
-  int64_t slice = capacity / nthreads, total = 0;
+  int64_t total = 0;
   for (int t = 0; t < nthreads; ++t) {
-    if (found[t] < 0) return -1;  // more candidates than the buffer holds: the caller takes the dense path
+    if (found[t] < 0) return -1;  // more candidates than the buffer holds: the caller takes another path
     if (t > 0 && found[t] > 0) {
       std::memmove(cols + total, cols + slice * t, found[t] * sizeof(int32_t));
       std::memmove(vals + total, vals + slice * t, found[t] * sizeof(T));
     }
     total += found[t];
   }
-  row_offsets[0] = 0;
-  for (int64_t b = 0; b < B; ++b) row_offsets[b + 1] += row_offsets[b];
+  if (col_offset != 0) {
+    for (int64_t p = 0; p < total; ++p) cols[p] += static_cast<int32_t>(col_offset);
+  }
   return total;
+}
+
+template <class T>
+void merge_blocks(int64_t n_blocks, int64_t B, const int64_t* counts, const int64_t* block_start,
+                  const int32_t* cols_in, const T* vals_in, int32_t* cols, T* vals, int64_t* row_offsets) {
+  // the pairs of n_blocks column blocks (block k's rows at block_start[k], counts[k * B + b] per row) into one
+  // row-major list: token by token, blocks in order (so latents ascending within a token)
+  std::vector<int64_t> src(block_start, block_start + n_blocks);
+  int64_t dst = 0;
+  row_offsets[0] = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < n_blocks; ++k) {
+      int64_t n = counts[k * B + b];
+      if (n) {
+        std::memcpy(cols + dst, cols_in + src[k], n * sizeof(int32_t));
+        std::memcpy(vals + dst, vals_in + src[k], n * sizeof(T));
+        src[k] += n;
+        dst += n;
+      }
+    }
+    row_offsets[b + 1] = dst;
+  }
 }
 
 template <class T>
@@ -275,13 +300,25 @@ void backward(int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_
 
 extern "C" {
 
-int64_t saescope_scan_candidates(int dtype, const void* xw, const void* lower, int64_t B, int64_t d, int32_t* cols,
-                                 void* vals, int64_t capacity, int64_t* row_offsets, int nthreads) {
+int64_t saescope_scan_candidates(int dtype, const void* xw, const void* lower, int64_t B, int64_t d,
+                                 int64_t col_offset, int32_t* cols, void* vals, int64_t capacity, int64_t* row_counts,
+                                 int nthreads) {
   if (dtype == 0)
-    return scan_candidates(static_cast<const float*>(xw), static_cast<const float*>(lower), B, d, cols,
-                           static_cast<float*>(vals), capacity, row_offsets, nthreads);
-  return scan_candidates(static_cast<const double*>(xw), static_cast<const double*>(lower), B, d, cols,
-                         static_cast<double*>(vals), capacity, row_offsets, nthreads);
+    return scan_candidates(static_cast<const float*>(xw), static_cast<const float*>(lower), B, d, col_offset, cols,
+                           static_cast<float*>(vals), capacity, row_counts, nthreads);
+  return scan_candidates(static_cast<const double*>(xw), static_cast<const double*>(lower), B, d, col_offset, cols,
+                         static_cast<double*>(vals), capacity, row_counts, nthreads);
+}
+
+void saescope_merge_blocks(int dtype, int64_t n_blocks, int64_t B, const int64_t* counts, const int64_t* block_start,
+                           const int32_t* cols_in, const void* vals_in, int32_t* cols, void* vals,
+                           int64_t* row_offsets) {
+  if (dtype == 0)
+    merge_blocks(n_blocks, B, counts, block_start, cols_in, static_cast<const float*>(vals_in), cols,
+                 static_cast<float*>(vals), row_offsets);
+  else
+    merge_blocks(n_blocks, B, counts, block_start, cols_in, static_cast<const double*>(vals_in), cols,
+                 static_cast<double*>(vals), row_offsets);
 }
 
 void saescope_forward(int dtype, int64_t B, int64_t d_out, const int64_t* row_offsets, const int32_t* cols,

@@ -85,8 +85,10 @@ def _build(compiler: str) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.saescope_scan_candidates.argtypes = [i32, p, p, i64, i64, p, p, i64, p, i32]
+    lib.saescope_scan_candidates.argtypes = [i32, p, p, i64, i64, i64, p, p, i64, p, i32]
     lib.saescope_scan_candidates.restype = i64
+    lib.saescope_merge_blocks.argtypes = [i32, i64, i64, p, p, p, p, p, p, p]
+    lib.saescope_merge_blocks.restype = None
     lib.saescope_forward.argtypes = [i32, i64, i64, p, p, p, p, dbl, p, p, p, p, dbl, p, p, p, p, p, i32]
     lib.saescope_forward.restype = None
     lib.saescope_latent_order.argtypes = [i64, i64, p, p, p, p, p]

@@ -154,7 +154,8 @@ class _Unit:
             result = sparse_training_step(m.W_enc.detach(), m.b_enc.detach(), m.W_dec.detach(),
                                           m.b_dec.detach(), m.threshold.detach(), x, target, lam,
                                           m.config.bandwidth, m.config.apply_b_dec_to_input, **options,
-                                          kernels=config.cpu_kernels, project_decoder_gradient=True)
+                                          kernels=config.cpu_kernels, project_decoder_gradient=True,
+                                          reuse_gradient_buffers=True)   # Adam consumes them below
         else:
             for p in m.parameters():
                 p.requires_grad_(True)
