@@ -77,18 +77,27 @@ def _assert_same(fast, dense, rtol, atol, names):
 
 
 @pytest.mark.parametrize(("dtype", "rtol", "atol"), [(torch.float64, 1e-10, 1e-13), (torch.float32, 2e-4, 2e-6)])
-@pytest.mark.parametrize("case", ["sae", "sae_no_pre_bias", "sae_target_l0", "transcoder", "skip_transcoder"])
+@pytest.mark.parametrize("case", ["sae", "sae_no_pre_bias", "sae_target_l0", "transcoder", "skip_transcoder",
+                                  "matryoshka", "matryoshka_target_l0_no_pre_bias"])
 def test_compiled_step_equals_dense_autograd(compiled_only, dtype, rtol, atol, case):
-    module, x, y = _module(dtype, apply_b_dec=case != "sae_no_pre_bias", transcoder="transcoder" in case,
-                           skip=case == "skip_transcoder")
+    """Every option of the step (recipe §1 and Gemma Scope 2's, recipe §6) on the kernels = autograd."""
+    module, x, y = _module(dtype, apply_b_dec="no_pre_bias" not in case, transcoder="transcoder" in case,
+                           skip="skip_transcoder" in case)
     options = {"target_l0": 20.0} if case in ("sae_target_l0", "skip_transcoder") else {}
+    if case == "matryoshka":           # blocks of 7, 33, 110 and 150 latents, unequal weights
+        options = {"matryoshka_prefixes": [7, 40, 150, 300], "matryoshka_weights": [0.4, 1.0, 0.25, 2.0]}
+    elif case == "matryoshka_target_l0_no_pre_bias":
+        options = {"matryoshka_prefixes": [19, 300], "target_l0": 25.0}
     z = module.pre_activations(x).detach().to(torch.float64)
     u = (z - module.threshold.detach().to(torch.float64)) / module.config.bandwidth
     assert int(((u > 0) & (u < 0.5)).sum()) >= 20 and int(((u <= 0) & (u > -0.5)).sum()) >= 20   # window used
     dense = dense_training_step(module, x, 0.3, y, **options)
     fast = _step(module, x, y, **options)
-    names = (*PARAMS, "W_skip") if case == "skip_transcoder" else PARAMS
+    names = (*PARAMS, "W_skip") if "skip_transcoder" in case else PARAMS
     _assert_same(fast, dense, rtol, atol, names)
+    if "matryoshka" in case:           # FVU's numerator: the whole dictionary's error, not the prefix sum
+        assert fast.full_reconstruction == pytest.approx(dense.full_reconstruction, rel=rtol)
+        assert fast.full_reconstruction != pytest.approx(fast.reconstruction, rel=1e-3)
 
 
 def _scan(lib, dtype, block, lower, col_offset, cols, values, capacity, counts, threads):
@@ -151,7 +160,7 @@ def test_compiled_step_with_product_blocks(compiled_only, monkeypatch, block_byt
     _assert_same(_step(module, x, None), dense_training_step(module, x, 0.3), 1e-10, 1e-13, PARAMS)
 
 
-@pytest.mark.parametrize("options", [{}, {"target_l0": 15.0}])
+@pytest.mark.parametrize("options", [{}, {"target_l0": 15.0, "matryoshka_prefixes": [30, 100, 300]}])
 def test_compiled_step_is_the_same_on_any_thread_count(compiled_only, options):
     """Work is split by tokens (forward) and latents (backward), each output written by one thread in a fixed
     order: 1, 2 and 3 threads give the same bits (so CPU runs resume bit for bit)."""

@@ -217,16 +217,17 @@ def sparse_training_step(
     between calls (the next such call overwrites them), saving the page faults of two fresh large tensors.
 
     On the CPU, with ``kernels`` (the default) and a C++ compiler at hand, the step runs on the compiled
-    kernels of :mod:`saescope.train.sparse_kernels` (all but Matryoshka; float32 or float64 throughout);
+    kernels of :mod:`saescope.train.sparse_kernels` (every option above; float32 or float64 throughout);
     otherwise, or when it finds more candidate pairs than 1/8 of the entries, on torch ops.
     """
     lib = sparse_kernels.load() if kernels and _kernels_apply(
-        x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip, matryoshka_prefixes) else None
+        x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) else None
     result = None
     if lib is not None:     # its few torch ops run on all threads; the kernels split their work themselves
         result = _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient,
-                                bandwidth, apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient,
-                                reuse_gradient_buffers, torch.get_num_threads())
+                                bandwidth, apply_b_dec_to_input, target_l0, matryoshka_prefixes,
+                                matryoshka_weights, W_skip, project_decoder_gradient, reuse_gradient_buffers,
+                                torch.get_num_threads())
         if result is not None:
             return result
     with _Threads(x.device) as threads:
@@ -239,10 +240,10 @@ def sparse_training_step(
     return result
 
 
-def _kernels_apply(x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip, matryoshka_prefixes) -> bool:
-    """Whether the compiled kernels take this step: CPU, one float dtype throughout, no Matryoshka."""
+def _kernels_apply(x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) -> bool:
+    """Whether the compiled kernels take this step: CPU, one float dtype (32 or 64 bits) throughout."""
     tensors = [t for t in (x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) if t is not None]
-    return (matryoshka_prefixes is None and x.device.type == "cpu" and x.dtype in sparse_kernels.DTYPES
+    return (x.device.type == "cpu" and x.dtype in sparse_kernels.DTYPES
             and all(t.dtype == x.dtype and t.device.type == "cpu" for t in tensors))
 
 
@@ -263,8 +264,8 @@ def _pair_capacity(B: int, d_sae: int) -> int:
 
 
 def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
-                   apply_b_dec_to_input, target_l0, W_skip, project_decoder_gradient, reuse_gradient_buffers,
-                   n) -> StepResult | None:
+                   apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
+                   project_decoder_gradient, reuse_gradient_buffers, n) -> StepResult | None:
     """:func:`_sparse_step` on the compiled kernels (``sparse_kernels.cpp``); None where the candidate pairs
     exceed the buffer (more than ``GROUPED_UP_TO`` of the entries: the torch path is then as fast)."""
     if target is None:
@@ -277,6 +278,13 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
         if not target_l0 > 0:
             raise ValueError(f"target_l0 must be positive, got {target_l0}")
     dt, ptr = sparse_kernels.DTYPES[x.dtype], sparse_kernels.ptr
+    if matryoshka_prefixes is None:
+        K, block_of, weights = 1, None, None
+    else:                   # latent i's block: the first prefix that holds it
+        sizes, prefix_weights = check_prefixes(matryoshka_prefixes, matryoshka_weights, d_sae)
+        K = len(sizes)
+        block_of = torch.bucketize(torch.arange(d_sae), torch.tensor(sizes[:-1]), right=True).to(torch.int32)
+        weights = torch.tensor(prefix_weights, dtype=x.dtype)
     xc = (x - b_dec if apply_b_dec_to_input else x).contiguous()
     W_dec, b_enc, threshold = W_dec.contiguous(), b_enc.contiguous(), threshold.contiguous()
     lower = (threshold - eps - b_enc).contiguous()       # pre-filter z − θ > −ε, as in _sparse_step
@@ -316,11 +324,14 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     flags = torch.empty(P, dtype=torch.uint8)
     l0_counts = torch.empty(B, dtype=torch.int64)
     reconstruction = torch.empty(B, dtype=x.dtype)
-    g_xhat = torch.empty(B, d_out, dtype=x.dtype)
+    full_reconstruction = torch.empty(B, dtype=x.dtype) if K > 1 else reconstruction
+    g_bags = torch.empty(B, K, d_out, dtype=x.dtype)         # ∂L/∂x̂ for K = 1
     target, b_dec = target.contiguous(), b_dec.contiguous()
     lib.saescope_forward(dt, B, d_out, ptr(row_offsets), ptr(cols), ptr(b_enc), ptr(threshold), eps, ptr(W_dec),
-                         ptr(b_dec), ptr(target), ptr(skip), 2.0 / B, ptr(zv), ptr(flags), ptr(l0_counts),
-                         ptr(reconstruction), ptr(g_xhat), n)
+                         ptr(b_dec), ptr(target), ptr(skip), K, ptr(block_of), ptr(weights), 2.0 / B, ptr(zv),
+                         ptr(flags), ptr(l0_counts), ptr(reconstruction),
+                         ptr(full_reconstruction) if K > 1 else None, ptr(g_bags), n)
+    g_xhat = g_bags[:, 0]                                   # Σ_k ∂L/∂x̂_k: reaches b_dec and W_skip
 
     latent_offsets = torch.empty(d_sae + 1, dtype=torch.int64)
     pair_of = torch.empty(P, dtype=torch.int32)
@@ -343,8 +354,8 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     grad_threshold = torch.empty(d_sae, dtype=x.dtype)
     fired = torch.empty(d_sae, dtype=torch.uint8)
     lib.saescope_backward(dt, d_sae, d_in, d_out, ptr(latent_offsets), ptr(pair_of), ptr(token_of), ptr(zv),
-                          ptr(flags), ptr(threshold), eps, (lam / B) / eps, ptr(token_scale), ptr(W_dec),
-                          ptr(g_xhat), ptr(xc), ptr(grad_W_dec), ptr(grad_W_enc_t), ptr(grad_b_enc),
+                          ptr(flags), ptr(threshold), eps, (lam / B) / eps, ptr(token_scale), ptr(W_dec), K,
+                          ptr(block_of), ptr(g_bags), ptr(xc), ptr(grad_W_dec), ptr(grad_W_enc_t), ptr(grad_b_enc),
                           ptr(grad_threshold), ptr(fired), int(project_decoder_gradient), n)
     grad_b_dec = g_xhat.sum(dim=0)
     if apply_b_dec_to_input:
@@ -357,7 +368,7 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     return StepResult(
         loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
         total_variance=float(torch.linalg.vector_norm(target - target.mean(dim=0))) ** 2, fired=fired.bool(), grads=grads,
-        full_reconstruction=float(reconstruction.mean()), decoder_gradient_projected=project_decoder_gradient,
+        full_reconstruction=float(full_reconstruction.mean()), decoder_gradient_projected=project_decoder_gradient,
     )
 
 

@@ -177,21 +177,27 @@ inline void prefetch_row(const T* row, int64_t n) {
 
 template <class T>
 void forward(int64_t B, int64_t d_out, const int64_t* row_offsets, const int32_t* cols, const T* b_enc,
-             const T* theta, T eps, const T* W_dec, const T* b_dec, const T* target, const T* skip, T grad_scale,
-             T* zv, uint8_t* flags, int64_t* l0, T* squared_error, T* grad_xhat, int nthreads) {
+             const T* theta, T eps, const T* W_dec, const T* b_dec, const T* target, const T* skip, int64_t K,
+             const int32_t* block_of, const T* weights, T grad_scale, T* zv, uint8_t* flags, int64_t* l0,
+             T* squared_error, T* full_error, T* grad_bags, int nthreads) {
   // zv holds (x − b_dec)W_enc at each pair on entry (from the scan), z = that + b_enc on exit.
-  // Per token: x̂ − t = Σ_active z W_dec[i] + b_dec (+ skip, the x W_skip term, nullable) − t;
-  // squared_error[b] = ‖x̂ − t‖², grad_xhat[b] = grad_scale · (x̂ − t) (= ∂L/∂x̂ with grad_scale 2/B).
+  // K Matryoshka prefixes (K = 1: the plain SAE; block_of[i] = the block of latent i, weights[k] = w_k; both
+  // null for K = 1): x̂_k − t = Σ_{active i in blocks ≤ k} z W_dec[i] + b_dec (+ skip, nullable) − t.
+  // Per token: squared_error = Σ_k w_k ‖x̂_k − t‖² (‖x̂ − t‖² for K = 1), full_error = ‖x̂_{K−1} − t‖² (nullable),
+  // grad_bags[b, j] = grad_scale · Σ_{k ≥ j} w_k (x̂_k − t): what a latent of block j sees (grad_scale 2/B).
+  // The pairs of a token come latent-ascending, so its blocks come in order.
   run_parallel(nthreads, B, [&](int, int64_t b0, int64_t b1) {
+    std::vector<T> running(d_out);
     for (int64_t b = b0; b < b1; ++b) {
-      T* r = grad_xhat + b * d_out;
+      T* bags = grad_bags + b * K * d_out;  // holds x̂_k − t until the last loop below
       const T* t = target + b * d_out;
+      T* r = K == 1 ? bags : running.data();
       for (int64_t k = 0; k < d_out; ++k) r[k] = b_dec[k] - t[k];
       if (skip) {
         const T* sk = skip + b * d_out;
         for (int64_t k = 0; k < d_out; ++k) r[k] += sk[k];
       }
-      int64_t count = 0;
+      int64_t count = 0, block = 0;
       for (int64_t p = row_offsets[b]; p < row_offsets[b + 1]; ++p) {
         int64_t i = cols[p];
         T z = zv[p] + b_enc[i];
@@ -202,13 +208,37 @@ void forward(int64_t B, int64_t d_out, const int64_t* row_offsets, const int32_t
         flags[p] = static_cast<uint8_t>(active) | static_cast<uint8_t>(window << 1);
         if (active) {
           ++count;
+          if (K > 1) {
+            for (; block < block_of[i]; ++block) std::copy(r, r + d_out, bags + block * d_out);   // prefix done
+          }
           const T* w = W_dec + i * d_out;
           for (int64_t k = 0; k < d_out; ++k) r[k] += z * w[k];
         }
       }
       l0[b] = count;
-      squared_error[b] = dot(r, r, d_out);
-      for (int64_t k = 0; k < d_out; ++k) r[k] *= grad_scale;
+      if (K == 1) {
+        squared_error[b] = dot(r, r, d_out);
+        if (full_error) full_error[b] = squared_error[b];
+        for (int64_t k = 0; k < d_out; ++k) r[k] *= grad_scale;
+        continue;
+      }
+      for (; block < K; ++block) std::copy(r, r + d_out, bags + block * d_out);
+      T total = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        T sq = dot(bags + k * d_out, bags + k * d_out, d_out);
+        total += weights[k] * sq;
+        if (k == K - 1 && full_error) full_error[b] = sq;
+      }
+      squared_error[b] = total;
+      std::fill(running.begin(), running.end(), T(0));  // Σ_{k ≥ j} grad_scale w_k (x̂_k − t), j descending
+      for (int64_t k = K - 1; k >= 0; --k) {
+        T c = grad_scale * weights[k];
+        T* bag = bags + k * d_out;
+        for (int64_t q = 0; q < d_out; ++q) {
+          running[q] += c * bag[q];
+          bag[q] = running[q];
+        }
+      }
     }
   });
 }
@@ -234,9 +264,11 @@ void latent_order(int64_t B, int64_t d_sae, const int64_t* row_offsets, const in
 template <class T>
 void backward(int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_offsets, const int32_t* pair_of,
               const int32_t* token_of, const T* zv, const uint8_t* flags, const T* theta, T eps, T sparsity,
-              const T* token_scale, const T* W_dec, const T* g_xhat, const T* xc, T* grad_W_dec,
+              const T* token_scale, const T* W_dec, int64_t K, const int32_t* block_of, const T* g_xhat, const T* xc,
+              T* grad_W_dec,
               T* grad_W_enc_t, T* grad_b_enc, T* grad_theta, uint8_t* fired, bool project, int nthreads) {
-  // g_xhat [B, d_out] = ∂L/∂x̂; xc [B, d_in] the encoder input; grad_W_enc_t [d_sae, d_in] (W_enc transposed)
+  // g_xhat [B, K, d_out]: the forward's grad_bags (∂L/∂x̂ for K = 1; block_of null then); xc [B, d_in] the
+  // encoder input; grad_W_enc_t [d_sae, d_in] (W_enc transposed)
   // sparsity = (λ/B)/ε; token_scale (nullable) multiplies it per token (the target-L0 penalty)
   // project: remove from ∂L/∂W_dec[i] its component along W_dec[i] (decoder_norm.project_out_parallel_gradient)
   // Split the latents so each thread gets about the same number of pairs.
@@ -258,14 +290,15 @@ void backward(int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_
         T gb = 0, gt = 0;
         bool any = false;
         const T th = theta[i];
+        const int64_t bag = K > 1 ? block_of[i] : 0;
         for (int64_t q = latent_offsets[i]; q < latent_offsets[i + 1]; ++q) {
           if (q + PREFETCH_AHEAD < P) {
             int64_t ahead = token_of[q + PREFETCH_AHEAD];
-            prefetch_row(g_xhat + ahead * d_out, d_out);
+            prefetch_row(g_xhat + (ahead * K + bag) * d_out, d_out);
             prefetch_row(xc + ahead * d_in, d_in);
           }
           int64_t p = pair_of[q], b = token_of[q];
-          const T* g = g_xhat + b * d_out;
+          const T* g = g_xhat + (b * K + bag) * d_out;
           T gf = dot(w, g, d_out);
           uint8_t fl = flags[p];
           if (fl & 1) {
@@ -323,19 +356,22 @@ void saescope_merge_blocks(int dtype, int64_t n_blocks, int64_t B, const int64_t
 
 void saescope_forward(int dtype, int64_t B, int64_t d_out, const int64_t* row_offsets, const int32_t* cols,
                       const void* b_enc, const void* theta, double eps, const void* W_dec, const void* b_dec,
-                      const void* target, const void* skip, double grad_scale, void* zv, uint8_t* flags, int64_t* l0,
-                      void* squared_error, void* grad_xhat, int nthreads) {
+                      const void* target, const void* skip, int64_t K, const int32_t* block_of, const void* weights,
+                      double grad_scale, void* zv, uint8_t* flags, int64_t* l0, void* squared_error, void* full_error,
+                      void* grad_bags, int nthreads) {
   if (dtype == 0)
     forward(B, d_out, row_offsets, cols, static_cast<const float*>(b_enc), static_cast<const float*>(theta),
             static_cast<float>(eps), static_cast<const float*>(W_dec), static_cast<const float*>(b_dec),
-            static_cast<const float*>(target), static_cast<const float*>(skip), static_cast<float>(grad_scale),
-            static_cast<float*>(zv), flags, l0, static_cast<float*>(squared_error), static_cast<float*>(grad_xhat),
+            static_cast<const float*>(target), static_cast<const float*>(skip), K, block_of,
+            static_cast<const float*>(weights), static_cast<float>(grad_scale), static_cast<float*>(zv), flags, l0,
+            static_cast<float*>(squared_error), static_cast<float*>(full_error), static_cast<float*>(grad_bags),
             nthreads);
   else
     forward(B, d_out, row_offsets, cols, static_cast<const double*>(b_enc), static_cast<const double*>(theta), eps,
             static_cast<const double*>(W_dec), static_cast<const double*>(b_dec), static_cast<const double*>(target),
-            static_cast<const double*>(skip), grad_scale, static_cast<double*>(zv), flags, l0,
-            static_cast<double*>(squared_error), static_cast<double*>(grad_xhat), nthreads);
+            static_cast<const double*>(skip), K, block_of, static_cast<const double*>(weights), grad_scale,
+            static_cast<double*>(zv), flags, l0, static_cast<double*>(squared_error),
+            static_cast<double*>(full_error), static_cast<double*>(grad_bags), nthreads);
 }
 
 void saescope_latent_order(int64_t B, int64_t d_sae, const int64_t* row_offsets, const int32_t* cols,
@@ -346,21 +382,22 @@ void saescope_latent_order(int64_t B, int64_t d_sae, const int64_t* row_offsets,
 void saescope_backward(int dtype, int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_offsets,
                        const int32_t* pair_of, const int32_t* token_of, const void* zv, const uint8_t* flags,
                        const void* theta, double eps, double sparsity, const void* token_scale, const void* W_dec,
-                       const void* g_xhat, const void* xc, void* grad_W_dec, void* grad_W_enc_t, void* grad_b_enc,
-                       void* grad_theta, uint8_t* fired, int project, int nthreads) {
+                       int64_t K, const int32_t* block_of, const void* g_xhat, const void* xc, void* grad_W_dec,
+                       void* grad_W_enc_t, void* grad_b_enc, void* grad_theta, uint8_t* fired, int project,
+                       int nthreads) {
   if (dtype == 0)
     backward(d_sae, d_in, d_out, latent_offsets, pair_of, token_of, static_cast<const float*>(zv), flags,
              static_cast<const float*>(theta), static_cast<float>(eps), static_cast<float>(sparsity),
-             static_cast<const float*>(token_scale), static_cast<const float*>(W_dec),
+             static_cast<const float*>(token_scale), static_cast<const float*>(W_dec), K, block_of,
              static_cast<const float*>(g_xhat), static_cast<const float*>(xc), static_cast<float*>(grad_W_dec),
              static_cast<float*>(grad_W_enc_t), static_cast<float*>(grad_b_enc), static_cast<float*>(grad_theta),
              fired, project != 0, nthreads);
   else
     backward(d_sae, d_in, d_out, latent_offsets, pair_of, token_of, static_cast<const double*>(zv), flags,
              static_cast<const double*>(theta), eps, sparsity, static_cast<const double*>(token_scale),
-             static_cast<const double*>(W_dec), static_cast<const double*>(g_xhat), static_cast<const double*>(xc),
-             static_cast<double*>(grad_W_dec), static_cast<double*>(grad_W_enc_t), static_cast<double*>(grad_b_enc),
-             static_cast<double*>(grad_theta), fired, project != 0, nthreads);
+             static_cast<const double*>(W_dec), K, block_of, static_cast<const double*>(g_xhat),
+             static_cast<const double*>(xc), static_cast<double*>(grad_W_dec), static_cast<double*>(grad_W_enc_t),
+             static_cast<double*>(grad_b_enc), static_cast<double*>(grad_theta), fired, project != 0, nthreads);
 }
 
 }  // extern "C"

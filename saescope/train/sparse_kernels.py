@@ -90,12 +90,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saescope_scan_candidates.restype = i64
     lib.saescope_merge_blocks.argtypes = [i32, i64, i64, p, p, p, p, p, p, p]
     lib.saescope_merge_blocks.restype = None
-    lib.saescope_forward.argtypes = [i32, i64, i64, p, p, p, p, dbl, p, p, p, p, dbl, p, p, p, p, p, i32]
+    lib.saescope_forward.argtypes = [i32, i64, i64, p, p, p, p, dbl, p, p, p, p, i64, p, p, dbl, p, p, p, p, p, p,
+                                     i32]
     lib.saescope_forward.restype = None
     lib.saescope_latent_order.argtypes = [i64, i64, p, p, p, p, p]
     lib.saescope_latent_order.restype = None
-    lib.saescope_backward.argtypes = [i32, i64, i64, i64, p, p, p, p, p, p, dbl, dbl, p, p, p, p, p, p, p, p,
-                                      p, i32, i32]
+    lib.saescope_backward.argtypes = [i32, i64, i64, i64, p, p, p, p, p, p, dbl, dbl, p, p, i64, p, p, p, p, p,
+                                      p, p, p, i32, i32]
     lib.saescope_backward.restype = None
     return lib
 
