@@ -176,6 +176,8 @@ def train(
                                              "(1: data parallel only; the world size: latent sharding only)"),
     model: str | None = typer.Option(None, help="model name stored in each SAE's config"),
     dense: bool = typer.Option(False, "--dense", help="use the plain dense step instead of the fast path"),
+    no_cpu_kernels: bool = typer.Option(False, "--no-cpu-kernels", help="run the fast path on torch ops, not on "
+                                        "its compiled CPU kernels (same gradients; slower on the CPU)"),
     tensorboard: bool = typer.Option(False, help="also log to TensorBoard (out/tensorboard)"),
     wandb: bool = typer.Option(False, help="also log to Weights & Biases in offline mode"),
 ) -> None:
@@ -189,8 +191,8 @@ def train(
                  "log_every": log_every, "seed": seed, "device": device, "model": model,
                  "latent_shards": latent_shards}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    for flag, value in (("fast_path", False if dense else None), ("tensorboard", tensorboard or None),
-                        ("wandb", wandb or None)):
+    for flag, value in (("fast_path", False if dense else None), ("cpu_kernels", False if no_cpu_kernels else None),
+                        ("tensorboard", tensorboard or None), ("wandb", wandb or None)):
         if value is not None:
             overrides[flag] = value
     if (matryoshka_prefixes or matryoshka_weights) and not (matryoshka or matryoshka_prefixes):

@@ -259,3 +259,34 @@ def test_reused_gradient_buffers_give_the_same_gradients(compiled_only):
     assert again.grads["W_dec"].data_ptr() == first.grads["W_dec"].data_ptr()     # the same buffer
     for name in PARAMS:
         assert torch.equal(again.grads[name], fresh.grads[name]), name
+
+
+def test_trainer_on_kernels_equals_trainer_on_torch_ops(tmp_path, monkeypatch):
+    """A whole run (two SAEs — one Matryoshka with target L0 — and a skip transcoder, float64, 24 steps with
+    Adam, the decoder projection and renorm) on the kernels ends at the weights of the run on torch ops."""
+    from saescope.train import SAESpec
+    from tests.train_helpers import run_trainer, small_config, weights
+
+    gen = torch.Generator().manual_seed(0)
+    dirs = torch.randn(48, 24, generator=gen, dtype=torch.float64)
+    codes = torch.rand(2048, 48, generator=gen, dtype=torch.float64) * (torch.rand(2048, 48, generator=gen) < 0.1)
+    x = codes @ dirs + 0.05 * torch.randn(2048, 24, generator=gen, dtype=torch.float64)
+    acts = {"resid_post/layer_2": x * 7.0, "mlp_in/layer_1": x / x.norm(dim=1, keepdim=True) * 24 ** 0.5,
+            "mlp_out/layer_1": torch.randn(2048, 24, generator=gen, dtype=torch.float64)}
+    specs = [SAESpec(site="resid_post/layer_2", width=64, sparsity_coefficient=0.02),
+             SAESpec(site="resid_post/layer_2", width=96, sparsity_coefficient=0.2, target_l0=8.0,
+                     matryoshka_prefixes=[16, 48, 96]),
+             SAESpec(site="mlp_in/layer_1", width=32, sparsity_coefficient=0.05, kind="transcoder", skip=True)]
+    compiled = fast_path._compiled_step
+    calls = []
+    monkeypatch.setattr(fast_path, "_compiled_step", lambda *a: calls.append(1) or compiled(*a))
+    runs = {}
+    for kernels in (True, False):
+        cfg = small_config(tmp_path / str(kernels), specs, dtype="float64", cpu_kernels=kernels)
+        trainer = run_trainer(cfg, acts)
+        assert all(u.density <= cfg.fast_path_max_density for u in trainer.units)     # the sparse step ran
+        runs[kernels] = weights(trainer)
+        assert len(calls) == 24 * 3      # each step of each SAE once on the kernels; the torch run adds none
+    for name, params in runs[True].items():
+        for key, value in params.items():
+            torch.testing.assert_close(value, runs[False][name][key], rtol=1e-9, atol=1e-11, msg=f"{name} {key}")
