@@ -247,20 +247,35 @@ def average_gradients(grads: dict[str, torch.Tensor], group: Any, shards: int) -
 
 
 @torch.no_grad()
-def reduce_step_statistics(result, group: Any, shards: int):
-    """Batch statistics of the global batch: means of loss / reconstruction / L0 (equal per-rank batches), sum
-    of the per-rank centred variances, union of the latents that fired."""
+def reduce_step_statistics(result, group: Any, shards: int, target: torch.Tensor | None = None):
+    """Batch statistics of the global batch: means of loss / reconstruction / full reconstruction / L0 (equal
+    per-rank batches), union of the latents that fired, and the global batch's centred variance.
+
+    Each rank's ``total_variance`` is centred on its own mean; with ``target`` (this rank's normalized target
+    rows) the global one is ``Σ_r V_r + Σ_r n_r‖μ_r‖² − N‖μ‖²`` (the per-rank sums of t travel too), so FVU is
+    the one-process FVU. Without it, the per-rank variances are summed (slightly larger)."""
     device = result.fired.device
-    stats = torch.tensor([result.loss, result.reconstruction, result.l0, result.total_variance],
-                         dtype=torch.float64, device=device)
-    fired = result.fired.to(torch.float64)
-    packed = torch.cat([stats, fired])
+    full = result.full_reconstruction
+    if target is not None:
+        sums = target.sum(dim=0, dtype=torch.float64).to(device)
+        between = float(sums.pow(2).sum()) / target.shape[0]         # n_r ‖μ_r‖²
+    else:
+        sums, between = torch.zeros(0, dtype=torch.float64, device=device), 0.0
+    stats = torch.tensor([result.loss, result.reconstruction, result.l0, result.total_variance,
+                          result.reconstruction if full is None else full, between,
+                          0.0 if target is None else float(target.shape[0])], dtype=torch.float64, device=device)
+    packed = torch.cat([stats, sums, result.fired.to(torch.float64)])
     dist.all_reduce(packed, group=group)
     result.loss = float(packed[0]) / shards
     result.reconstruction = float(packed[1]) / shards
     result.l0 = float(packed[2]) / shards
     result.total_variance = float(packed[3])
-    result.fired = packed[4:] > 0
+    result.full_reconstruction = float(packed[4]) / shards
+    if target is not None:
+        n_total = float(packed[6])
+        total_sums = packed[7:7 + len(sums)]
+        result.total_variance += float(packed[5]) - float(total_sums.pow(2).sum()) / n_total
+    result.fired = packed[7 + len(sums):] > 0
     return result
 
 

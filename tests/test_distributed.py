@@ -281,3 +281,21 @@ def distributed_loader_states(meta, tensors):
     from saescope.train.checkpoint import join_state
 
     return [join_state(s, tensors) for s in meta["loader_ranks"]]
+
+
+def test_data_parallel_matryoshka_logs_the_global_fvu(tmp_path):
+    """FVU comes from the whole dictionary's error (not the Matryoshka prefix sum): under data parallel that
+    error is averaged over the ranks like the rest, so the logged metrics equal one process's."""
+    specs = [SAESpec(site=SITE, width=32, sparsity_coefficient=0.02, matryoshka_prefixes=[4, 12, 32],
+                     target_l0=6.0)]
+    one = tmp_path / "one"
+    _train(_config(one, saes=specs))
+    two = tmp_path / "two"
+    _spawn(_config(two, saes=specs), 2, tmp_path)
+    rows = {name: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            for name, out in (("one", one), ("two", two))}
+    assert len(rows["one"]) == len(rows["two"]) > 0
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in ("loss", "mse", "l0", "fvu"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (a["step"], key)
+    assert rows["one"][-1]["mse"] < rows["one"][-1]["loss"]       # mse is the full error, not the prefix sum

@@ -166,7 +166,9 @@ class _Unit:
                     p.requires_grad_(False)
         if par is not None and par.data_shards > 1:   # data parallel: the global batch's mean gradient
             result.grads = distributed.average_gradients(result.grads, par.data_group, par.data_shards)
-            distributed.reduce_step_statistics(result, par.data_group, par.data_shards)
+            with torch.no_grad():
+                target_rows = m.normalize_target(target_raw) if target_raw is not None else m.normalize(x_raw)
+            distributed.reduce_step_statistics(result, par.data_group, par.data_shards, target_rows)
         self.density = result.l0 / spec.width
         grads = dict(result.grads)
         with torch.no_grad():
