@@ -168,6 +168,9 @@ def train(
     lr_warmup_steps: int | None = typer.Option(None, help="cosine lr warm-up steps (recipe: 1000)"),
     sparsity_warmup_steps: int | None = typer.Option(None, help="linear λ warm-up steps (recipe: 10000)"),
     threshold_parameterization: str | None = typer.Option(None, help="log (recipe) or direct"),
+    transcoder_target_scale: str | None = typer.Option(
+        None, help="what transcoder targets are divided by: input (App. B: the input's norm scale) or target "
+        "(their own; the short-budget preset's choice)"),
     checkpoint_every: int | None = typer.Option(None, help="steps between checkpoints"),
     log_every: int | None = typer.Option(None, help="steps between log lines"),
     seed: int | None = typer.Option(None, help="seed for initialisation and data order"),
@@ -188,6 +191,7 @@ def train(
     overrides = {"store": store, "out_dir": out, "total_tokens": total_tokens, "batch_size": batch_size, "lr": lr,
                  "lr_warmup_steps": lr_warmup_steps, "sparsity_warmup_steps": sparsity_warmup_steps,
                  "threshold_parameterization": threshold_parameterization, "checkpoint_every": checkpoint_every,
+                 "transcoder_target_scale": transcoder_target_scale,
                  "log_every": log_every, "seed": seed, "device": device, "model": model,
                  "latent_shards": latent_shards}
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -35,6 +35,9 @@ class SAEConfig(BaseModel):
     d_sae: int = Field(gt=0, description="number of latents")
     d_out: int | None = Field(None, gt=0, description="width a transcoder writes; None for an SAE (= d_in)")
     norm_scale: float = Field(1.0, description="C: raw activations are divided by C before encoding")
+    target_norm_scale: float | None = Field(
+        None, description="transcoders: the target (mlp_out) is divided by this during training and the output "
+        "multiplied by it; None: by norm_scale, the input's C (App. B)")
     apply_b_dec_to_input: bool = Field(True, description="subtract b_dec from the input before encoding")
     standardized: bool = Field(False, description="parameters folded for raw activations (Appendix A)")
     bandwidth: float = Field(0.001, gt=0, description="STE kernel bandwidth ε (JumpReLU paper)")
@@ -45,11 +48,11 @@ class SAEConfig(BaseModel):
     hook_point: str | None = Field(None, description="Hugging Face module path of the site")
     training: dict[str, Any] = Field(default_factory=dict, description="summary of how it was trained")
 
-    @field_validator("norm_scale")
+    @field_validator("norm_scale", "target_norm_scale")
     @classmethod
-    def _positive_finite(cls, value: float) -> float:
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"norm_scale must be a positive finite number, got {value!r}")
+    def _positive_finite(cls, value: float | None, info) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{info.field_name} must be a positive finite number, got {value!r}")
         return value
 
     @property
@@ -66,6 +69,8 @@ class SAEConfig(BaseModel):
         if not self.is_transcoder and self.d_out not in (None, self.d_in):
             raise ValueError(f"an SAE writes what it reads (d_out = d_in = {self.d_in}), got d_out={self.d_out}; "
                              "set architecture='jumprelu_transcoder' for a transcoder")
+        if not self.is_transcoder and self.target_norm_scale is not None:
+            raise ValueError("target_norm_scale is for transcoders (an SAE's target is its input: norm_scale)")
         if self.is_transcoder and self.apply_b_dec_to_input:
             raise ValueError("a transcoder has no pre-encoder bias (Gemma Scope App. B): set "
                              "apply_b_dec_to_input to false")
@@ -73,10 +78,12 @@ class SAEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _standardized_is_raw(self) -> SAEConfig:
-        if self.standardized and (self.norm_scale != 1.0 or self.apply_b_dec_to_input):
+        if self.standardized and (self.norm_scale != 1.0 or self.apply_b_dec_to_input
+                                  or self.target_norm_scale not in (None, 1.0)):
             raise ValueError(
-                "a standardized SAE has norm_scale 1 and apply_b_dec_to_input false "
-                f"(got norm_scale={self.norm_scale}, apply_b_dec_to_input={self.apply_b_dec_to_input}); "
+                "a standardized SAE has norm_scale 1 (target_norm_scale None or 1) and apply_b_dec_to_input false "
+                f"(got norm_scale={self.norm_scale}, target_norm_scale={self.target_norm_scale}, "
+                f"apply_b_dec_to_input={self.apply_b_dec_to_input}); "
                 "call sae.standardize() instead of setting the flag"
             )
         return self

@@ -41,9 +41,10 @@ class DemoConfig(BaseModel):
     context_len: int = Field(256, ge=16, description="tokens per window (Gemma Scope: 1024)")
     width: int = Field(4096, gt=0, description="latents per SAE")
     lambdas: list[float] = Field(default_factory=lambda: [1e-4, 3e-4, 1e-3], min_length=1)
-    # A transcoder's target (mlp_out) is divided by the input's RMS (App. B), not its own: on Gemma 3 its squared
-    # norm is then ~2,500× an SAE's, and λ must be about that much larger for a similar L0.
-    transcoder_lambda: float | None = Field(30.0, description="λ of the mlp_in→mlp_out transcoder (None: skip)")
+    # The short-budget preset divides a transcoder's target (mlp_out) by its own norm scale (not App. B's input
+    # scale, under which Gemma 3's mlp_out is ~57× too large for Adam to follow in 800k tokens): λ 1e-5 gave
+    # training L0 96, FVU 0.118 (λ 30 at the input scale: L0 116, FVU 0.336).
+    transcoder_lambda: float | None = Field(1e-5, description="λ of the mlp_in→mlp_out transcoder (None: skip)")
     batch_size: int = Field(1024, gt=0, description="tokens per step (recipe: 4096)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (recipe: 7e-5 over billions of tokens)")
     eval_windows: int = Field(4, gt=0, description="held-out windows per domain")

@@ -11,7 +11,7 @@ from saescope.demo import DemoConfig, run_demo, short_budget_train_config
 
 def test_demo_runs_every_stage_on_the_embedded_model(tmp_path):
     cfg = DemoConfig(out=tmp_path / "demo", tokens=3072, context_len=64, width=64, lambdas=[1e-4, 1e-2],
-                     transcoder_lambda=30.0, batch_size=256, eval_windows=1, eval_domains=["shakespeare"])
+                     transcoder_lambda=1e-5, batch_size=256, eval_windows=1, eval_domains=["shakespeare"])
     summary = run_demo(cfg, progress=False, echo=lambda *_: None)
     out = tmp_path / "demo"
     assert (out / "report" / "index.html").is_file() and summary["report"].endswith("index.html")
@@ -28,3 +28,4 @@ def test_demo_runs_every_stage_on_the_embedded_model(tmp_path):
     train = short_budget_train_config(cfg, out / "activations")
     assert train.initial_exclude_top_pcs == 1 and train.threshold_lr_scale == 0.1
     assert [s.threshold_lr_scale for s in train.saes if s.kind == "transcoder"] == [1.0]
+    assert train.transcoder_target_scale == "target"

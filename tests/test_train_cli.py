@@ -144,9 +144,22 @@ def test_train_gemma_scope2_from_config_file(store, tmp_path):
     (["--sites", SITE, "--width", "8", "--target-l0", "20"], "more latents than the width"),
     (["--sites", SITE, "--width", "8"], "--lambda or --target-l0"),
     (["--target-l0", "4"], "need --sites or --transcoder-layer"),
+    (["--transcoder-layer", "0", "--width", "8", "--lambda", "1", "--transcoder-target-scale", "own"],
+     "transcoder_target_scale"),
 ])
 def test_train_gemma_scope2_cli_errors(store, tmp_path, args, message):
     result = runner.invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "x"), "--total-tokens",
                                  "200", "--batch-size", "100", *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
+
+
+def test_transcoder_target_scale_flag(store, tmp_path):
+    """--transcoder-target-scale target: the transcoder's target is divided by mlp_out's own norm scale (in its
+    saved config until standardized; the suite file maps raw to raw)."""
+    out = tmp_path / "own"
+    result = runner.invoke(app, ["train", "--store", str(store), "--out", str(out), "--transcoder-layer", "0",
+                                 "--width", "16", "--lambda", "0.01", "--transcoder-target-scale", "target",
+                                 "--total-tokens", "300", "--batch-size", "100"])
+    assert result.exit_code == 0, result.output
+    assert 'transcoder_target_scale = "target"' in (out / "config.toml").read_text()

@@ -22,6 +22,14 @@ A *skip transcoder* (Gemma Scope 2, "affine skip connection"; ``skip=True``) add
 so ``W_skip`` means the same on both scales. Standardization (App. A eqs. 7-9 without the ``b_dec`` term)
 gives ``b'_enc = C b_enc``, ``b'_dec = C b_dec``, ``θ' = C θ`` and leaves ``W_enc``, ``W_dec`` and ``W_skip``
 unchanged; the standardized transcoder maps raw ``mlp_in`` to raw ``mlp_out``.
+
+Not in the recipe: ``target_norm_scale = C_t`` divides the target by its own scale instead (``y = y_raw/C_t``,
+``E‖y‖² = 1`` with the store's C_t). On Gemma 3 ``mlp_out`` is ~57× the scale of the normalized input, so with
+App. B's single C the latents, ``W_enc``, ``b_enc`` and θ must grow ~57× during training — more than Adam's
+bounded steps allow in a run of 10⁶ tokens (the short-budget preset uses C_t; see TrainConfig). Then
+``ŷ_raw = C_t·(W_dec f + b_dec + x W_skip)``, and standardization gives ``W'_enc = (C_t/C) W_enc``,
+``b'_enc = C_t b_enc``, ``θ' = C_t θ``, ``b'_dec = C_t b_dec``, ``W'_skip = (C_t/C) W_skip`` (latents ``C_t ×``
+the training-time ones); with ``C_t = C`` that is the standardization above.
 """
 
 from __future__ import annotations
@@ -82,7 +90,7 @@ class JumpReLUTranscoder(JumpReLUSAE):
     def __init__(self, d_in: int, d_sae: int, norm_scale: float | None = None, *, d_out: int | None = None,
                  skip: bool = False, dtype: torch.dtype | str = torch.float32,
                  device: torch.device | str | None = None, bandwidth: float = 0.001, seed: int | None = None,
-                 config: SAEConfig | None = None, **metadata: Any):
+                 config: SAEConfig | None = None, target_norm_scale: float | None = None, **metadata: Any):
         architecture = transcoder_architecture(skip)
         if isinstance(dtype, str):
             dtype = torch_dtype(dtype)
@@ -104,7 +112,9 @@ class JumpReLUTranscoder(JumpReLUSAE):
                 norm_scale = math.sqrt(d_in)
             config = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, d_out=d_out,
                                norm_scale=float(norm_scale), apply_b_dec_to_input=False, bandwidth=bandwidth,
-                               dtype=dtype_name(dtype), **metadata)
+                               dtype=dtype_name(dtype),
+                               target_norm_scale=None if target_norm_scale is None else float(target_norm_scale),
+                               **metadata)
         self._d_out = d_out
         self._skip = skip
         super().__init__(d_in, d_sae, config.norm_scale, dtype=dtype, device=device, apply_b_dec_to_input=False,
@@ -117,6 +127,12 @@ class JumpReLUTranscoder(JumpReLUSAE):
     @property
     def skip(self) -> bool:
         return self.W_skip is not None
+
+    @property
+    def target_scale(self) -> float:
+        """``C_t``, what the target is divided by: ``target_norm_scale``, else ``norm_scale`` (App. B)."""
+        t = self.config.target_norm_scale
+        return self.norm_scale if t is None else t
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -159,32 +175,37 @@ class JumpReLUTranscoder(JumpReLUSAE):
 
     # ------------------------------------------------------------------ inference
     def _skip_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W_skip`` (the same on the raw and the normalized scale, see the module docstring)."""
+        """``x W_skip`` (the same on the raw and the normalized scale when ``C_t = C``, module docstring)."""
         assert self.W_skip is not None
         return x.to(self.dtype) @ self.W_skip
 
     def decode(self, f: torch.Tensor, x_raw: torch.Tensor | None = None) -> torch.Tensor:
-        """``ŷ_raw = C·(W_dec f + b_dec)`` plus ``x_raw W_skip`` for a skip transcoder (which needs ``x_raw``)."""
-        y_hat = super().decode(f)
+        """``ŷ_raw = C_t·(W_dec f + b_dec)`` plus ``(C_t/C)·x_raw W_skip`` for a skip transcoder (which needs
+        ``x_raw``); ``C_t = C`` unless ``target_norm_scale`` is set."""
+        y_hat = self._decode_normalized(f)
+        if self.target_scale != 1.0:
+            y_hat = y_hat * self.target_scale
         if self.W_skip is None:
             return y_hat
         if x_raw is None:
             raise ValueError("a skip transcoder's output depends on its input: call decode(f, x_raw) or "
                              "forward(x_raw)")
         self._check_input(x_raw)
-        return y_hat + self._skip_normalized(x_raw)
+        skip = self._skip_normalized(x_raw)
+        ratio = self.target_scale / self.norm_scale
+        return y_hat + (skip if ratio == 1.0 else skip * ratio)
 
     def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
         """The prediction of raw ``mlp_out`` from raw ``mlp_in`` (with the skip term when present)."""
         return self.decode(self.encode(x_raw), x_raw)
 
     def normalize_target(self, y_raw: torch.Tensor) -> torch.Tensor:
-        """``y = y_raw / C`` (the same C as the input, App. B)."""
+        """``y = y_raw / C_t`` (``C_t = C``, the input's scale, App. B, unless ``target_norm_scale`` is set)."""
         if y_raw.shape[-1] != self.d_out:
             raise ValueError(f"target has last dimension {y_raw.shape[-1]} but this transcoder writes "
                              f"d_out={self.d_out}")
         y = y_raw.to(self.dtype)
-        return y if self.norm_scale == 1.0 else y / self.norm_scale
+        return y if self.target_scale == 1.0 else y / self.target_scale
 
     # ------------------------------------------------------------------ training
     def training_forward(self, x_raw: torch.Tensor, y_raw: torch.Tensor,  # type: ignore[override]
@@ -211,19 +232,21 @@ class JumpReLUTranscoder(JumpReLUSAE):
     @torch.no_grad()
     def standardize(self) -> JumpReLUTranscoder:
         """App. A eqs. 7-9 without a pre-encoder bias: ``b'_enc = C b_enc``, ``b'_dec = C b_dec``, ``θ' = C θ``;
-        ``W_enc``, ``W_dec`` and ``W_skip`` unchanged (``x_raw W_skip = C·(x W_skip)``, module docstring)."""
-        C = float(self.norm_scale)
-        config = self.config.model_copy(update={"norm_scale": 1.0, "apply_b_dec_to_input": False,
-                                                "standardized": True})
+        ``W_enc``, ``W_dec`` and ``W_skip`` unchanged (``x_raw W_skip = C·(x W_skip)``, module docstring).
+        With a target scale ``C_t``: ``C_t`` in place of ``C`` and ``W_enc``, ``W_skip`` times ``C_t/C``."""
+        C_t = float(self.target_scale)
+        ratio = C_t / float(self.norm_scale)
+        config = self.config.model_copy(update={"norm_scale": 1.0, "target_norm_scale": None,
+                                                "apply_b_dec_to_input": False, "standardized": True})
         out = JumpReLUTranscoder(self.d_in, self.d_sae, 1.0, d_out=self.d_out, skip=self.skip, dtype=self.dtype,
                                  device=self.device, config=config, seed=0)
-        out.W_enc.copy_(self.W_enc)
         out.W_dec.copy_(self.W_dec)
+        scaled = [("b_enc", C_t), ("b_dec", C_t), ("threshold", C_t), ("W_enc", ratio)]
         if self.W_skip is not None:
-            out.W_skip.copy_(self.W_skip)
-        out.b_enc.copy_((C * self.b_enc.to(torch.float64)).to(out.b_enc.dtype))
-        out.b_dec.copy_((C * self.b_dec.to(torch.float64)).to(out.b_dec.dtype))
-        out.threshold.copy_((C * self.threshold.to(torch.float64)).to(out.threshold.dtype))
+            scaled.append(("W_skip", ratio))
+        for name, factor in scaled:
+            value = getattr(self, name)
+            getattr(out, name).copy_(value if factor == 1.0 else (factor * value.to(torch.float64)).to(value.dtype))
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -218,6 +218,13 @@ class TrainConfig(BaseModel):
         "recipe, for short budgets trained directly at a large lr: Adam's step on θ is about lr/√(fraction of "
         "steps with a token inside θ's bandwidth window), so at lr 1e-3 one window hit moves θ by several ε and "
         "can lift it past every token for good (the latent dies); a smaller scale keeps θ's steps near ε")
+    transcoder_target_scale: Literal["input", "target"] = Field(
+        "input", description="what a transcoder's target (mlp_out) is divided by: 'input' (App. B) the input's "
+        "norm scale C; 'target' its own (the store's norm scale of mlp_out, E‖y‖² = 1). Not in the recipe, for "
+        "short budgets: on Gemma 3 mlp_out is ~57× the normalized input's scale, so with C the latents, W_enc "
+        "and θ must grow ~57× — more than Adam's bounded steps manage in 10⁶ tokens (a target-L0 60 transcoder "
+        "ended at L0 ~700); with 'target' it reaches L0 57. The saved transcoder maps raw mlp_in to raw mlp_out "
+        "either way (target_norm_scale in its config; standardization folds it)")
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     device: str = "cpu"
     seed: int = 0

@@ -6,7 +6,9 @@ schedule (lr 7e-5, 10,000 λ warm-up steps, log θ from 0.001) cannot move. Chos
 first 5% of steps, λ over the first 25%), θ trained directly, ``b_dec`` from the data mean, θ from the first
 batch's 99th percentile, the top principal direction out of the initial latent directions and θ at a tenth of
 the lr for SAEs (dead latents 40–60% → 4–9% over the last 262k tokens, training FVU ~3× lower); a
-transcoder's θ keeps the full lr (at a tenth its L0 stayed above 1,000 in 780 steps). ``saescope demo`` uses it.
+transcoder's θ keeps the full lr (at a tenth its L0 stayed above 1,000 in 780 steps), and its target is divided
+by its own norm scale (``transcoder_target_scale = "target"``: a target-L0 60 skip transcoder at ``mlp_in/layer_6``
+ended at L0 735 with App. B's input scale, at L0 57 and FVU 0.15 with its own). ``saescope demo`` uses it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _SHORT_BUDGET = {
     "initial_threshold_quantile": 0.99,
     "initial_exclude_top_pcs": 1,
     "threshold_lr_scale": 0.1,
+    "transcoder_target_scale": "target",
 }
 
 

@@ -67,7 +67,7 @@ class _Unit:
     """One SAE being trained: its module, optimizer and running statistics."""
 
     def __init__(self, spec: SAESpec, config: TrainConfig, norm_scale: float, d_in: int, d_out: int,
-                 parallel: distributed.Parallel | None = None):
+                 parallel: distributed.Parallel | None = None, target_norm_scale: float | None = None):
         self.spec = spec
         self.parallel = parallel
         site = Site.parse(spec.site)
@@ -76,7 +76,8 @@ class _Unit:
         if spec.kind == "transcoder":
             if spec.skip:
                 common["skip"] = True
-            self.module: JumpReLUSAE = JumpReLUTranscoder(d_in, spec.width, norm_scale, d_out=d_out, **common)
+            self.module: JumpReLUSAE = JumpReLUTranscoder(d_in, spec.width, norm_scale, d_out=d_out,
+                                                          target_norm_scale=target_norm_scale, **common)
         else:
             self.module = JumpReLUSAE(d_in, spec.width, norm_scale, **common)
         m = self.module
@@ -290,6 +291,8 @@ class Trainer:
         self.source = source
         self.norm_scales = {Site.parse(k).id: float(v) for k, v in norm_scales.items()}
         needed = {spec.site for spec in config.saes}
+        if config.transcoder_target_scale == "target":
+            needed |= {spec.target_site for spec in config.saes if spec.kind == "transcoder"}
         missing = sorted(needed - set(self.norm_scales))
         if missing:
             raise SaescopeError(f"no norm scale C for site(s) {missing}; the activation store estimates it "
@@ -324,9 +327,14 @@ class Trainer:
                                     "cache it first or remove the SAE that reads it")
         self.units = [
             _Unit(spec, self.config, self.norm_scales[spec.site], self.dims[spec.site],
-                  self.dims[spec.target_site] if spec.target_site else self.dims[spec.site], self.parallel)
+                  self.dims[spec.target_site] if spec.target_site else self.dims[spec.site], self.parallel,
+                  self.norm_scales[spec.target_site] if self._own_target_scale(spec) else None)
             for spec in self.config.saes
         ]
+
+    def _own_target_scale(self, spec: SAESpec) -> bool:
+        """Whether this transcoder's target is divided by its own norm scale (``transcoder_target_scale``)."""
+        return spec.kind == "transcoder" and self.config.transcoder_target_scale == "target"
 
     def _unit_prefix(self, index: int) -> str:
         return f"sae{index}"

@@ -1,0 +1,112 @@
+"""A transcoder whose target is divided by its own scale C_t (``target_norm_scale``; not App. B, which uses the
+input's C): normalization, the raw output, standardization (float64 closed form and the raw outputs before and
+after), every file format, config validation, and the trainer option that sets C_t from the store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saescope import load_sae
+from saescope.config import SAEConfig
+from saescope.sae.transcoder import JumpReLUTranscoder
+from saescope.train import SAESpec
+from tests.train_helpers import run_trainer, small_config
+
+C, C_T = 3.0, 40.0
+
+
+def _transcoder(skip, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tc = JumpReLUTranscoder(10, 32, C, d_out=7, skip=skip, dtype=dtype, seed=seed, target_norm_scale=C_T,
+                            site="mlp_in", layer=2, model="tiny")
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3).to(dtype))
+        tc.threshold.copy_((torch.rand(32, generator=g, dtype=torch.float64) * 0.2).to(dtype))
+    return tc
+
+
+def _x(n=60, dtype=torch.float64):
+    return (torch.randn(n, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * C).to(dtype)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_raw_output_by_hand(skip):
+    """ŷ_raw = C_t·(W_dec f + b_dec + (x_raw/C) W_skip), f = JumpReLU_θ((x_raw/C) W_enc + b_enc); the target is
+    y_raw / C_t."""
+    tc = _transcoder(skip)
+    x_raw = _x()
+    x = x_raw / C
+    z = x @ tc.W_enc.detach() + tc.b_enc.detach()
+    f = z * (z > tc.threshold.detach())
+    y = f @ tc.W_dec.detach() + tc.b_dec.detach()
+    if skip:
+        y = y + x @ tc.W_skip.detach()
+    torch.testing.assert_close(tc(x_raw).detach(), C_T * y, rtol=1e-12, atol=1e-12)
+    y_raw = torch.randn(60, 7, dtype=torch.float64)
+    torch.testing.assert_close(tc.normalize_target(y_raw), y_raw / C_T, rtol=0, atol=0)
+    out = tc.training_forward(x_raw, y_raw, 0.1)
+    torch.testing.assert_close(out.reconstruction, (y_raw / C_T - y).pow(2).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_standardize_folds_both_scales(skip):
+    tc = _transcoder(skip)
+    std = tc.standardize()
+    assert std.config.standardized and std.norm_scale == 1.0 and std.config.target_norm_scale is None
+    assert std.target_scale == 1.0
+    x_raw = _x()
+    torch.testing.assert_close(std(x_raw).detach(), tc(x_raw).detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(std.encode(x_raw).detach(), C_T * tc.encode(x_raw).detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(std.W_enc.detach(), tc.W_enc.detach() * (C_T / C), rtol=1e-15, atol=0)
+    if skip:
+        torch.testing.assert_close(std.W_skip.detach(), tc.W_skip.detach() * (C_T / C), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize(("fmt", "skip"), [("native", True), ("gemma-scope-2", True), ("saelens", True),
+                                           ("gemma-scope", False)])
+def test_every_format_keeps_the_raw_outputs(tmp_path, fmt, skip):
+    tc = _transcoder(skip, dtype=torch.float32)
+    back = load_sae(tc.save(tmp_path / fmt, format=fmt))
+    if fmt == "native":
+        assert back.config == tc.config and back.target_scale == C_T
+    x_raw = _x(dtype=torch.float32)
+    torch.testing.assert_close(back(x_raw).detach(), tc(x_raw).detach(), rtol=2e-5, atol=2e-4)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="target_norm_scale is for transcoders"):
+        SAEConfig(d_in=4, d_sae=8, target_norm_scale=2.0)
+    with pytest.raises(ValueError, match="positive finite"):
+        SAEConfig(architecture="jumprelu_transcoder", d_in=4, d_sae=8, apply_b_dec_to_input=False,
+                  target_norm_scale=-1.0)
+    with pytest.raises(ValueError, match="standardized"):
+        SAEConfig(architecture="jumprelu_transcoder", d_in=4, d_sae=8, apply_b_dec_to_input=False,
+                  target_norm_scale=2.0, standardized=True)
+
+
+@pytest.mark.parametrize("choice", ["input", "target"])
+def test_trainer_divides_the_target_by_the_chosen_scale(tmp_path, choice):
+    """``transcoder_target_scale``: "input" (App. B) divides mlp_out by mlp_in's C; "target" by mlp_out's own
+    norm scale, so E‖y‖² = 1 at the start; the suite's transcoder maps raw mlp_in to raw mlp_out either way."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 24, generator=gen)
+    acts = {"mlp_in/layer_1": x / x.norm(dim=1, keepdim=True) * 24 ** 0.5,
+            "mlp_out/layer_1": (x[:, :24] @ torch.randn(24, 24, generator=gen)) * 30.0}
+    spec = SAESpec(site="mlp_in/layer_1", width=32, sparsity_coefficient=0.01, kind="transcoder")
+    cfg = small_config(tmp_path, [spec], total_steps=6, transcoder_target_scale=choice)
+    trainer = run_trainer(cfg, acts)
+    (unit,) = trainer.units
+    tc = unit.module
+    y = tc.normalize_target(acts["mlp_out/layer_1"])
+    mean_sq = float(y.pow(2).sum(1).mean())
+    if choice == "target":
+        assert tc.config.target_norm_scale == pytest.approx(float(acts["mlp_out/layer_1"].pow(2).sum(1).mean()) ** 0.5,
+                                                            rel=1e-3)
+        assert mean_sq == pytest.approx(1.0, rel=1e-3)
+    else:
+        assert tc.config.target_norm_scale is None and mean_sq > 100
+    std = load_sae(next((tmp_path / "suite").rglob("saescope.json")).parent)
+    torch.testing.assert_close(std(acts["mlp_in/layer_1"][:50]).detach(), tc(acts["mlp_in/layer_1"][:50]).detach(),
+                               rtol=1e-4, atol=1e-3)
