@@ -13,7 +13,8 @@ data mean, θ at the 99th percentile of the first batch's pre-activations and th
 orthogonal to the top principal direction (Gemma 3's massive-activation dimension) — which is printed and
 written to the run folder. Measured with the defaults (800k tokens, layer 6): λ = 1e-4, 3e-4, 1e-3 give
 held-out L0 ≈ 36, 15, 7.5 with FVU 0.068, 0.085, 0.106 and Δ LM loss on held-out plays 0.53, 0.58, 0.69 nats
-(Python source, out of domain: 4.4–5.6); the transcoder L0 ≈ 91, Δ loss 0.11.
+(Python source, out of domain: 4.4–5.6); the transcoder (target divided by its own scale) L0 ≈ 89, FVU 0.37,
+Δ loss 0.13 (with App. B's input scale and λ 30: L0 91, FVU 0.56, Δ loss 0.11).
 """
 
 from __future__ import annotations
