@@ -110,3 +110,15 @@ def test_trainer_divides_the_target_by_the_chosen_scale(tmp_path, choice):
     std = load_sae(next((tmp_path / "suite").rglob("saescope.json")).parent)
     torch.testing.assert_close(std(acts["mlp_in/layer_1"][:50]).detach(), tc(acts["mlp_in/layer_1"][:50]).detach(),
                                rtol=1e-4, atol=1e-3)
+
+
+def test_the_choice_is_part_of_the_fingerprint():
+    """A run cannot resume under the other target scale (its weights mean something else); at the recipe's
+    "input" the fingerprint is what it was before the option existed (tests/test_train_gemma_scope2.py)."""
+    from saescope.train import TrainConfig
+
+    data = {"saes": [{"site": "mlp_in/layer_1", "width": 8, "sparsity_coefficient": 0.1, "kind": "transcoder"}],
+            "total_tokens": 1000}
+    plain = TrainConfig.from_dict(data)
+    assert TrainConfig.from_dict({**data, "transcoder_target_scale": "input"}).fingerprint() == plain.fingerprint()
+    assert TrainConfig.from_dict({**data, "transcoder_target_scale": "target"}).fingerprint() != plain.fingerprint()

@@ -285,7 +285,8 @@ class TrainConfig(BaseModel):
         """
         payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
         payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
-        for key, default in (("initial_W_skip", "zeros"), ("initial_exclude_top_pcs", 0), ("threshold_lr_scale", 1.0)):
+        for key, default in (("initial_W_skip", "zeros"), ("initial_exclude_top_pcs", 0), ("threshold_lr_scale", 1.0),
+                             ("transcoder_target_scale", "input")):
             if payload.get(key) == default:      # added later: at their defaults, fingerprints stay as before
                 payload.pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
