@@ -118,7 +118,7 @@ def test_the_choice_is_part_of_the_fingerprint():
     from saescope.train import TrainConfig
 
     data = {"saes": [{"site": "mlp_in/layer_1", "width": 8, "sparsity_coefficient": 0.1, "kind": "transcoder"}],
-            "total_tokens": 1000}
+            "total_tokens": 10000}
     plain = TrainConfig.from_dict(data)
     assert TrainConfig.from_dict({**data, "transcoder_target_scale": "input"}).fingerprint() == plain.fingerprint()
     assert TrainConfig.from_dict({**data, "transcoder_target_scale": "target"}).fingerprint() != plain.fingerprint()
