@@ -7,7 +7,9 @@ thresholds are set so that L0 ≈ 64 on the benchmark batch (reported); in one p
 - ``floor_out`` — the same product written into a reused buffer (no fresh 268 MB allocation: the stricter
   floor, since the fast step reuses its buffer too);
 - ``dense``   — saescope's plain step: ``training_forward`` + autograd + decoder projection + Adam + renorm;
-- ``fast``    — saescope's sparse step (the trainer's default), same update;
+- ``fast``    — saescope's sparse step (the trainer's default: on the compiled CPU kernels where a C++
+  compiler is found), same update;
+- ``fast_torch`` — the same sparse step on torch ops (``cpu_kernels=False``; CPU only);
 - ``saelens`` — SAELens ``JumpReLUTrainingSAE.training_forward_pass`` + backward + ``torch.optim.Adam``
   (if sae-lens is installed);
 
@@ -48,7 +50,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 timed repeats instead of --repeats")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip", action="append", default=[], help="floor, floor_out, dense, fast or saelens")
+    parser.add_argument("--skip", action="append", default=[],
+                        help="floor, floor_out, dense, fast, fast_torch or saelens (repeat)")
     args = parser.parse_args()
     if args.quick:
         args.repeats = 3
@@ -70,9 +73,10 @@ def main() -> None:
     site = "resid_post/layer_6"
     spec = SAESpec(site=site, width=args.d_sae, sparsity_coefficient=1e-3)
 
-    def make_unit(fast: bool) -> _Unit:
+    def make_unit(fast: bool, kernels: bool = True) -> _Unit:
         cfg = TrainConfig(saes=[spec], total_tokens=10 * args.batch, batch_size=args.batch, device=device,
-                          fast_path=fast, fast_path_max_density=1.0, sparsity_warmup_steps=0, lr_warmup_steps=0)
+                          fast_path=fast, fast_path_max_density=1.0, sparsity_warmup_steps=0, lr_warmup_steps=0,
+                          cpu_kernels=kernels)
         unit = _Unit(spec, cfg, 1.0, args.d_in, args.d_in)
         unit.density = 0.0      # time the path asked for from the first step
         with torch.no_grad():   # one threshold for all latents at the quantile that gives L0 ≈ target
@@ -86,6 +90,7 @@ def main() -> None:
         return unit, cfg
 
     fast_unit, fast_cfg = make_unit(True)
+    torch_unit, torch_cfg = make_unit(True, kernels=False)
     dense_unit, dense_cfg = make_unit(False)
     with torch.no_grad():
         l0 = float((fast_unit.module.pre_activations(batches[0]) > fast_unit.module.threshold).sum(1).float().mean())
@@ -103,6 +108,8 @@ def main() -> None:
     runners["floor_out"] = lambda: torch.mm(batch(), W_enc, out=product)
     runners["dense"] = lambda: dense_unit.step({site: batch()}, 0, dense_cfg, dense_cfg.lr)
     runners["fast"] = lambda: fast_unit.step({site: batch()}, 0, fast_cfg, fast_cfg.lr)
+    if device == "cpu":
+        runners["fast_torch"] = lambda: torch_unit.step({site: batch()}, 0, torch_cfg, torch_cfg.lr)
 
     try:
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -157,6 +164,8 @@ def main() -> None:
             print(f"fast / SAELens throughput: {median['saelens'] / median['fast']:.2f}x  (target >= 5)")
         if "dense" in median:
             print(f"fast / dense throughput:   {median['dense'] / median['fast']:.2f}x")
+        if "fast_torch" in median:
+            print(f"fast / fast on torch ops:  {median['fast_torch'] / median['fast']:.2f}x")
         if "floor" in median:
             print(f"fast step time / encoder product: {median['fast'] / median['floor']:.2f}x  (target <= 1.5)")
         if "floor_out" in median:
