@@ -26,7 +26,7 @@ size. Outside ``torch.distributed`` (the default) none of this code runs.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -185,16 +185,36 @@ def copy_to_shards(replica: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 
 def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: float,
-                          target_raw: torch.Tensor | None, group: Any):
+                          target_raw: torch.Tensor | None, group: Any, *, latent_offset: int = 0,
+                          d_sae: int | None = None, target_l0: float | None = None,
+                          matryoshka_prefixes: Sequence[int] | None = None,
+                          matryoshka_weights: Sequence[float] | None = None):
     """The dense JumpReLU step (recipe §1) of one latent shard: same loss and, for this shard's parameters,
     the same gradients as ``module.training_forward(...).loss.backward()`` on the whole SAE.
 
     ``x̂ = Σ_r f_r W_dec,r + b_dec`` and ``L0 = Σ_r Σ_{i∈r} H(z_i − θ_i)`` travel in one all_reduce (the L0
     counts as one extra column, in the wider of the weight and threshold dtypes).
+
+    Gemma Scope 2's options (recipe §6): ``target_l0`` puts the quadratic penalty on the summed L0 (its
+    gradient reaches each shard through the pass-through backward); Matryoshka prefixes (over the whole SAE's
+    ``d_sae`` latents; this shard holds ``latent_offset …``) send one partial decoder sum per block of
+    latents, ``[B, K, d]``, and the prefix reconstructions are their cumulative sums; a skip transcoder's
+    ``x W_skip`` is added on every rank (``W_skip`` is replicated, so its gradient is the same everywhere).
     """
+    from saescope.sae.losses import check_prefixes, quadratic_l0_penalty
     from saescope.train.fast_path import StepResult
 
     m = module
+    local = m.W_dec.shape[0]
+    d_sae = local if d_sae is None else d_sae
+    if matryoshka_prefixes is None:
+        bounds, weights = [(0, local)], [1.0]
+    else:                           # block j's latents that this shard holds, in local indices
+        sizes, weights = check_prefixes(matryoshka_prefixes, matryoshka_weights, d_sae)
+        starts = [0, *sizes[:-1]]
+        bounds = [(min(max(lo - latent_offset, 0), local), min(max(hi - latent_offset, 0), local))
+                  for lo, hi in zip(starts, sizes)]
+    W_skip = getattr(m, "W_skip", None)
     for p in m.parameters():
         p.grad = None
         p.requires_grad_(True)
@@ -205,25 +225,32 @@ def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: flo
         z = xc @ m.W_enc + m.b_enc
         f = jumprelu(z, m.threshold, m.config.bandwidth)
         l0_partial = heaviside(z, m.threshold, m.config.bandwidth).sum(dim=-1)
-        partial = f.to(m.dtype) @ m.W_dec
+        f = f.to(m.dtype)
+        blocks = [f[:, lo:hi] @ m.W_dec[lo:hi] for lo, hi in bounds]     # [B, d] each (zeros if none held)
+        partial = torch.cat(blocks, dim=1)
         wide = torch.promote_types(partial.dtype, l0_partial.dtype)
         summed = reduce_from_shards(torch.cat([partial.to(wide), l0_partial.to(wide).unsqueeze(1)], dim=1), group)
-        x_hat = summed[:, :-1].to(m.dtype) + m.b_dec
+        d_out = m.W_dec.shape[1]
+        base = m.b_dec if W_skip is None else m.b_dec + x @ W_skip
+        prefixes = summed[:, :-1].to(m.dtype).view(x.shape[0], len(bounds), d_out).cumsum(dim=1)
         l0 = summed[:, -1]
-        reconstruction = (target - x_hat).pow(2).sum(dim=-1)
-        loss = (reconstruction + sparsity_coefficient * l0).mean()
+        squared = (target.unsqueeze(1) - (prefixes + base.unsqueeze(-2))).pow(2).sum(dim=-1)    # [B, K]
+        reconstruction = squared @ torch.tensor(weights, dtype=squared.dtype, device=squared.device)
+        penalty = l0 if target_l0 is None else quadratic_l0_penalty(l0, target_l0)
+        loss = (reconstruction + sparsity_coefficient * penalty).mean()
         loss.backward()
         with torch.no_grad():
             centred = target - target.mean(dim=0)
             fired = (f != 0).any(dim=0)
-        grads = {name: getattr(m, name).grad for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+        names = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"] + (["W_skip"] if W_skip is not None else [])
+        grads = {name: getattr(m, name).grad for name in names}
     finally:
         for p in m.parameters():
             p.grad = None
             p.requires_grad_(False)
     return StepResult(loss=float(loss.detach()), reconstruction=float(reconstruction.detach().mean()),
                       l0=float(l0.detach().to(torch.float64).mean()), total_variance=float(centred.pow(2).sum()),
-                      fired=fired, grads=grads)
+                      fired=fired, grads=grads, full_reconstruction=float(squared[:, -1].detach().mean()))
 
 
 # ---------------------------------------------------------------------- data parallel
@@ -346,7 +373,7 @@ def latent_dim(key: str) -> int | None:
         return LATENT_DIMS[key]
     for moment in ("adam/exp_avg.", "adam/exp_avg_sq."):
         if key.startswith(moment):
-            return None if key[len(moment):] == "b_dec" else 0
+            return None if key[len(moment):] in ("b_dec", "W_skip") else 0   # replicated: no latent axis
     return None
 
 

@@ -299,3 +299,34 @@ def test_data_parallel_matryoshka_logs_the_global_fvu(tmp_path):
         for key in ("loss", "mse", "l0", "fvu"):
             assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (a["step"], key)
     assert rows["one"][-1]["mse"] < rows["one"][-1]["loss"]       # mse is the full error, not the prefix sum
+
+
+GS2_SPECS = [SAESpec(site=SITE, width=32, sparsity_coefficient=0.02, target_l0=6.0,
+                     matryoshka_prefixes=[5, 12, 20, 32], matryoshka_weights=[1.0, 0.5, 2.0, 1.0]),
+             SAESpec(site="mlp_in/layer_1", width=32, kind="transcoder", skip=True, target_l0=5.0)]
+
+
+@pytest.fixture(scope="module")
+def gs2_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gs2_one_process")
+    folders = _train(_config(out, saes=GS2_SPECS))
+    return _final_state(out), folders, out
+
+
+@pytest.mark.parametrize("world,latent_shards", [(2, 2), (4, 2)], ids=["latent-sharded", "data+latent"])
+def test_gemma_scope_2_options_under_latent_sharding(tmp_path, gs2_reference, world, latent_shards):
+    """Target-L0, Matryoshka prefixes that cut across the shards' latent slices (20 of 16 + 16) and a skip
+    transcoder (W_skip replicated) trained on split latents end where one process ends (float64, 1e-10)."""
+    ref_state, ref_folders, ref_out = gs2_reference
+    out = tmp_path / "run"
+    results = _spawn(_config(out, saes=GS2_SPECS, latent_shards=latent_shards), world, tmp_path)
+    state = _final_state(out)
+    assert state["sae1/param/W_skip"].abs().max() > 0 and state["sae1/param/W_skip"].shape == (D, D)
+    _assert_same(ref_state, state)
+    _assert_same_suites(ref_folders, results[0])
+    rows, ref_rows = ([json.loads(line) for line in (o / "metrics.jsonl").read_text().splitlines()]
+                      for o in (out, ref_out))
+    assert len(rows) == len(ref_rows) > 0
+    for a, b in zip(ref_rows, rows):
+        for key in ("loss", "mse", "l0", "fvu"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (a["sae"], a["step"], key)

@@ -86,10 +86,6 @@ class _Unit:
         # latent sharding: keep only this rank's latents (every rank drew the same full initialisation)
         self.latents = (parallel.latent_slice(spec.width) if parallel is not None and parallel.latent_shards > 1
                         else None)
-        if self.latents is not None and (spec.target_l0 is not None or spec.matryoshka_prefixes is not None
-                                         or spec.skip):
-            raise SaescopeError(f"{spec.name}: target_l0, Matryoshka prefixes and skip transcoders are not "
-                                "supported with latent_shards > 1; train it with latent_shards = 1 (data parallel)")
         # λ: the spec's, or (target_l0 without λ) DEFAULT_TARGET_L0_LAMBDA × E‖t‖², set from the first batch
         self.lambda_base: float | None = spec.sparsity_coefficient
         if self.latents is not None:
@@ -146,7 +142,8 @@ class _Unit:
         target_raw = batch[spec.target_site].to(config.device) if spec.target_site else None
         par = self.parallel
         if self.latents is not None:      # latent sharding: the dense step with summed partial reconstructions
-            result = distributed.sharded_training_step(m, x_raw, lam, target_raw, par.latent_group)
+            result = distributed.sharded_training_step(m, x_raw, lam, target_raw, par.latent_group,
+                                                       latent_offset=self.latents.start, d_sae=spec.width, **options)
         elif config.fast_path and self.density <= config.fast_path_max_density:
             x = m.normalize(x_raw)
             target = m.normalize_target(target_raw) if target_raw is not None else None
