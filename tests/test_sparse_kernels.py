@@ -290,3 +290,14 @@ def test_trainer_on_kernels_equals_trainer_on_torch_ops(tmp_path, monkeypatch):
     for name, params in runs[True].items():
         for key, value in params.items():
             torch.testing.assert_close(value, runs[False][name][key], rtol=1e-9, atol=1e-11, msg=f"{name} {key}")
+
+
+def test_build_falls_back_to_flags_the_compiler_accepts(monkeypatch, tmp_path):
+    """A compiler that rejects the first flags (e.g. the x86 vector-width flag on ARM) gets the next ones."""
+    monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(sparse_kernels, "_STATE", {})
+    monkeypatch.setattr(sparse_kernels, "ARCH_FLAGS", (["--no-such-flag-here"], []))
+    lib = sparse_kernels.load()
+    assert lib is not None and len(list((tmp_path / "kernels").glob("*.so"))) == 1
+    module, x, _ = _module(torch.float64)
+    _assert_same(_step(module, x, None), dense_training_step(module, x, 0.3), 1e-10, 1e-13, PARAMS)
