@@ -301,3 +301,20 @@ def test_build_falls_back_to_flags_the_compiler_accepts(monkeypatch, tmp_path):
     assert lib is not None and len(list((tmp_path / "kernels").glob("*.so"))) == 1
     module, x, _ = _module(torch.float64)
     _assert_same(_step(module, x, None), dense_training_step(module, x, 0.3), 1e-10, 1e-13, PARAMS)
+
+
+def test_sparse_step_up_to_a_higher_density_on_the_kernels(tmp_path, monkeypatch):
+    """fast_path_max_density None: the sparse step up to L0/width 0.1 on the kernels, 0.05 on torch ops (where
+    it stops paying); an explicit value wins."""
+    from saescope.train import SAESpec, TrainConfig
+    from saescope.train.trainer import max_sparse_density
+
+    cfg = TrainConfig(saes=[SAESpec(site="resid_post/layer_2", width=64, sparsity_coefficient=0.1)],
+                      total_tokens=10_000)
+    assert cfg.fast_path_max_density is None
+    assert max_sparse_density(cfg) == 0.1
+    assert max_sparse_density(cfg.model_copy(update={"cpu_kernels": False})) == 0.05
+    assert max_sparse_density(cfg.model_copy(update={"dtype": "bfloat16"})) == 0.05
+    assert max_sparse_density(cfg.model_copy(update={"fast_path_max_density": 0.3})) == 0.3
+    monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "0")
+    assert max_sparse_density(cfg) == 0.05

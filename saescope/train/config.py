@@ -238,9 +238,11 @@ class TrainConfig(BaseModel):
         "columns, W_dec rows, b_enc/θ entries); the world is a grid data_shards × latent_shards, data_shards ranks "
         "read disjoint batch_size/data_shards slices of each global batch. 1: data parallel only; = world size: "
         "latent sharding only. No effect in one process (saescope.distributed)")
-    fast_path_max_density: float = Field(
-        0.05, ge=0, le=1, description="use the dense step instead while the previous step's L0 / width is above "
-        "this (early in training, when thousands of latents fire, the sparse step does not pay)")
+    fast_path_max_density: float | None = Field(
+        None, ge=0, le=1, description="use the dense step instead while the previous step's L0 / width is above "
+        "this (early in training, when thousands of latents fire, the sparse step does not pay). None: 0.1 where "
+        "the step runs on the compiled CPU kernels (at 16k latents they are 3.3× faster than the dense step at "
+        "density 0.1), 0.05 on torch ops (about as fast as the dense step at 0.1)")
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: only at the end "
                                   "and on SIGINT/SIGTERM)")
     log_every: int = Field(100, gt=0, description="steps between log lines")

@@ -40,6 +40,7 @@ from saescope.errors import SaescopeError
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import checkpoint as ckpt
+from saescope.train import sparse_kernels
 from saescope.train.config import (
     DEFAULT_TARGET_L0_LAMBDA,
     NEW_SPEC_DEFAULTS,
@@ -56,6 +57,16 @@ from saescope.train.schedules import learning_rate, sparsity_coefficient
 
 class TrainingInterrupted(SaescopeError):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint; run the same command to resume."""
+
+
+def max_sparse_density(config: TrainConfig) -> float:
+    """The L0 / width up to which the trainer takes the sparse step (``TrainConfig.fast_path_max_density``,
+    or, when that is None, 0.1 on the compiled CPU kernels and 0.05 on torch ops)."""
+    if config.fast_path_max_density is not None:
+        return config.fast_path_max_density
+    on_kernels = (config.cpu_kernels and torch.device(config.device).type == "cpu"
+                  and config.dtype in ("float32", "float64") and sparse_kernels.load() is not None)
+    return 0.1 if on_kernels else 0.05
 
 
 def spec_seed(seed: int, spec: SAESpec) -> int:
@@ -144,7 +155,7 @@ class _Unit:
         if self.latents is not None:      # latent sharding: the dense step with summed partial reconstructions
             result = distributed.sharded_training_step(m, x_raw, lam, target_raw, par.latent_group,
                                                        latent_offset=self.latents.start, d_sae=spec.width, **options)
-        elif config.fast_path and self.density <= config.fast_path_max_density:
+        elif config.fast_path and self.density <= max_sparse_density(config):
             x = m.normalize(x_raw)
             target = m.normalize_target(target_raw) if target_raw is not None else None
             if self.W_skip is not None:
