@@ -318,3 +318,21 @@ def test_sparse_step_up_to_a_higher_density_on_the_kernels(tmp_path, monkeypatch
     assert max_sparse_density(cfg.model_copy(update={"fast_path_max_density": 0.3})) == 0.3
     monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "0")
     assert max_sparse_density(cfg) == 0.05
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1 << 30])
+def test_room_for_pairs_grows_within_a_step(compiled_only, monkeypatch, block_bytes):
+    """The pair buffers start small (twice the last step's count), and a block that overflows them is scanned
+    again into larger ones, keeping the pairs found before it: same result as the dense step."""
+    monkeypatch.setattr(fast_path, "PRODUCT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(fast_path, "FIRST_PAIRS_PER_TOKEN", 0)
+    monkeypatch.setattr(fast_path, "_LAST_PAIRS", {})
+    monkeypatch.setattr(fast_path, "_PAIRS", {})
+    module, x, _ = _module(torch.float64, batch=2000)          # > 4096 pairs: the first room is too small
+    result = _step(module, x, None)
+    pairs = len(fast_path._PAIRS[torch.float64][0])
+    assert pairs >= fast_path._LAST_PAIRS[(2000, 300)] > 1 << 12
+    _assert_same(result, dense_training_step(module, x, 0.3), 1e-10, 1e-13, PARAMS)
+    again = _step(module, x, None)                            # the next step starts with twice the count
+    assert len(fast_path._PAIRS[torch.float64][0]) >= 2 * fast_path._LAST_PAIRS[(2000, 300)]
+    assert again.loss == result.loss

@@ -76,8 +76,10 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
 
 
 def clear_workspace() -> None:
-    """Free the reused pre-activation buffer."""
+    """Free the reused buffers (pre-activations, pairs, gradients)."""
     _WORKSPACE.clear()
+    _PAIRS.clear()
+    _LAST_PAIRS.clear()
 
 
 class _Threads:
@@ -258,6 +260,23 @@ def _kernels_apply(x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) -> 
 
 
 PRODUCT_BLOCK_BYTES = 1 << 25    # the compiled step's encoder product is made in blocks of latents of this size
+FIRST_PAIRS_PER_TOKEN = 256      # the compiled step's first room for pairs (then twice the last step's count)
+_LAST_PAIRS: dict[tuple[int, int], int] = {}
+_PAIRS: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _pair_buffers(capacity: int, dtype: torch.dtype, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reused (latent index, value) buffers of the compiled step's scan with room for ``capacity`` pairs;
+    a larger one is made when needed, keeping its first ``keep`` pairs."""
+    old = _PAIRS.get(dtype)
+    if old is not None and len(old[0]) >= capacity:
+        return old
+    new = (torch.empty(capacity, dtype=torch.int32), torch.empty(capacity, dtype=dtype))
+    if old is not None and keep:
+        new[0][:keep].copy_(old[0][:keep])
+        new[1][:keep].copy_(old[1][:keep])
+    _PAIRS[dtype] = new
+    return new
 
 
 def _block_width(B: int, d_sae: int, element_size: int) -> int:
@@ -303,9 +322,11 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     width = _block_width(B, d_sae, x.element_size())
     starts = list(range(0, d_sae, width))
     block = _workspace((B, width), x.dtype, x.device)
-    capacity = _pair_capacity(B, d_sae)
-    found_cols = _workspace((1, capacity), torch.int32, x.device).view(-1)
-    found_values = _workspace((2, capacity), x.dtype, x.device)[0]
+    # room for the pairs: twice the last step's count (memory follows L0, not the width); doubled when a block
+    # overflows it (that block is scanned again), up to _pair_capacity (beyond that: the torch path)
+    limit = _pair_capacity(B, d_sae)
+    capacity = min(limit, max(1 << 12, 2 * _LAST_PAIRS.get((B, d_sae), B * FIRST_PAIRS_PER_TOKEN // 2)))
+    found_cols, found_values = _pair_buffers(capacity, x.dtype, keep=0)
     counts = torch.empty(len(starts), B, dtype=torch.int64)
     block_start = torch.zeros(len(starts), dtype=torch.int64)
     P = 0
@@ -314,13 +335,19 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
         out = block if c1 - c0 == width else block.view(-1)[:B * (c1 - c0)].view(B, c1 - c0)
         torch.mm(xc, W_enc[:, c0:c1], out=out)
         block_start[k] = P
-        n_found = lib.saescope_scan_candidates(dt, ptr(out), ptr(lower) + c0 * lower.element_size(), B, c1 - c0,
-                                               c0, ptr(found_cols) + 4 * P,
-                                               ptr(found_values) + P * found_values.element_size(),
-                                               capacity - P, ptr(counts[k]), n)
-        if n_found < 0:
-            return None
+        while True:
+            n_found = lib.saescope_scan_candidates(dt, ptr(out), ptr(lower) + c0 * lower.element_size(), B,
+                                                   c1 - c0, c0, ptr(found_cols) + 4 * P,
+                                                   ptr(found_values) + P * found_values.element_size(),
+                                                   capacity - P, ptr(counts[k]), n)
+            if n_found >= 0:
+                break
+            if capacity >= limit:
+                return None
+            capacity = min(limit, 2 * capacity)
+            found_cols, found_values = _pair_buffers(capacity, x.dtype, keep=P)
         P += n_found
+    _LAST_PAIRS[(B, d_sae)] = P
     cols = torch.empty(P, dtype=torch.int32)
     zv = torch.empty(P, dtype=x.dtype)                     # (x − b_dec)W_enc at the pairs; z after the forward
     row_offsets = torch.empty(B + 1, dtype=torch.int64)
