@@ -632,8 +632,9 @@ class Trainer:
         of z_i) (``initial_threshold_quantile=q``); a skip transcoder's ``W_skip`` ← the least-squares map from the
         normalized input to the normalized target (``initial_W_skip="least_squares"``; ``b_dec`` then ← mean of
         ``t − x W_skip``). A ``target_l0`` SAE without λ gets
-        ``λ = DEFAULT_TARGET_L0_LAMBDA · mean_b ‖t_b‖²`` (t the normalized target: ≈ 1 for an SAE, ≈ 2,500 for a
-        Gemma 3 transcoder), so the penalty keeps the same weight against the reconstruction error."""
+        ``λ = DEFAULT_TARGET_L0_LAMBDA · mean_b ‖t_b‖²`` (t the normalized target: ≈ 1 for an SAE and for a
+        transcoder at its own target scale, ≈ 2,500 for a Gemma 3 transcoder at the input's), so the penalty keeps
+        the same weight against the reconstruction error."""
         batch = self._pending_batch if self._pending_batch is not None else self._pull_pending()
         par = self.parallel
         if par is not None and par.data_shards > 1:   # the global first batch, as one process would see it
