@@ -122,3 +122,50 @@ def test_the_choice_is_part_of_the_fingerprint():
     plain = TrainConfig.from_dict(data)
     assert TrainConfig.from_dict({**data, "transcoder_target_scale": "input"}).fingerprint() == plain.fingerprint()
     assert TrainConfig.from_dict({**data, "transcoder_target_scale": "target"}).fingerprint() != plain.fingerprint()
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_decoder_rows_from_the_targets_each_latent_fires_on(tmp_path, skip):
+    """``initial_transcoder_W_dec="fired_target_mean"``: after θ is set from the first batch, each transcoder
+    latent's decoder row is the normalized sum of (t_b − t̄) over the first-batch tokens where it fires (t the
+    normalized target, minus x W_skip for a least-squares skip), checked token by token in float64; a latent
+    that fires on no token keeps its random row; an SAE's tied decoder is left alone."""
+    from saescope.train import Trainer
+    from saescope.train.sources import TensorBatchSource
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 24, generator=gen, dtype=torch.float64)
+    acts = {"mlp_in/layer_1": x / x.norm(dim=1, keepdim=True) * 24 ** 0.5,
+            "mlp_out/layer_1": (x @ torch.randn(24, 24, generator=gen, dtype=torch.float64)) * 30.0 + 5.0,
+            "resid_post/layer_1": x * 3.0}
+    specs = [SAESpec(site="mlp_in/layer_1", width=48, sparsity_coefficient=0.01, kind="transcoder", skip=skip),
+             SAESpec(site="resid_post/layer_1", width=32, sparsity_coefficient=0.01)]
+    common = {"dtype": "float64", "initial_threshold_quantile": 0.97, "transcoder_target_scale": "target",
+              "initial_W_skip": "least_squares" if skip else "zeros"}
+    cfg = small_config(tmp_path / "a", specs, initial_transcoder_W_dec="fired_target_mean", **common)
+    scales = {k: TensorBatchSource(acts, 128).norm_scale(k) for k in acts}
+    first = next(iter(TensorBatchSource(acts, cfg.batch_size, seed=11)))
+    trainer = Trainer(cfg, TensorBatchSource(acts, cfg.batch_size, seed=11), scales, progress=False)
+    trainer.run(max_steps=0)
+    random_init = Trainer(small_config(tmp_path / "b", specs, **common),
+                          TensorBatchSource(acts, cfg.batch_size, seed=11), scales, progress=False)
+    random_init.run(max_steps=0)
+    tc, sae = (u.module for u in trainer.units)
+    x_n = tc.normalize(first["mlp_in/layer_1"])
+    t = tc.normalize_target(first["mlp_out/layer_1"])
+    if skip:
+        t = t - x_n @ tc.W_skip.detach()
+    z = tc.pre_activations(first["mlp_in/layer_1"]).detach()
+    theta = tc.threshold.detach()
+    kept = 0
+    for i in range(tc.d_sae):
+        tokens = [b for b in range(len(t)) if z[b, i] > theta[i]]
+        if not tokens:
+            torch.testing.assert_close(tc.W_dec[i], random_init.units[0].module.W_dec[i])
+            kept += 1
+            continue
+        row = sum(t[b] - t.mean(dim=0) for b in tokens)
+        torch.testing.assert_close(tc.W_dec[i].detach(), row / row.norm(), rtol=1e-10, atol=1e-12)
+    assert kept < tc.d_sae
+    torch.testing.assert_close(sae.W_dec.detach(), sae.W_enc.detach().T)       # the SAE stays tied
+    torch.testing.assert_close(sae.W_dec.detach(), random_init.units[1].module.W_dec.detach())

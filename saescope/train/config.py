@@ -205,6 +205,13 @@ class TrainConfig(BaseModel):
         "~88% of the variance) otherwise make every random latent read mostly that one dimension, so latents fire "
         "together on the same tokens, over-reconstruct it together and die together. Training can still move "
         "latents onto those directions. 0: the recipe's plain random directions")
+    initial_transcoder_W_dec: Literal["random", "fired_target_mean"] = Field(
+        "random", description="transcoders' decoder rows at initialisation: random unit vectors (App. B) or, for "
+        "short budgets (not in the recipe), each latent's mean centered target over the first-batch tokens it "
+        "fires on (after θ is set from the first batch), normalized — the transcoder's analogue of an SAE's tied "
+        "W_dec = W_encᵀ: a latent's first firings then point its output where the target goes. On Gemma 3 "
+        "(800k tokens) it halved the latents unfired in the last 262k tokens (70% → 36%) at a lower L0 for the "
+        "same FVU; latents that fire on no first-batch token keep their random row")
     initial_W_skip: Literal["zeros", "least_squares"] = Field(
         "zeros", description="skip transcoders' W_skip at initialisation: zeros (Gemma Scope 2) or, for short "
         "budgets (not in the recipe), the least-squares linear map from the first batch's normalized input to its "
@@ -288,7 +295,7 @@ class TrainConfig(BaseModel):
         payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
         payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
         for key, default in (("initial_W_skip", "zeros"), ("initial_exclude_top_pcs", 0), ("threshold_lr_scale", 1.0),
-                             ("transcoder_target_scale", "input")):
+                             ("transcoder_target_scale", "input"), ("initial_transcoder_W_dec", "random")):
             if payload.get(key) == default:      # added later: at their defaults, fingerprints stay as before
                 payload.pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -571,7 +571,9 @@ class Trainer:
                 (self.out_dir / "config.toml").write_text(config.to_toml())
             if (config.initial_threshold_quantile is not None or config.initial_b_dec != "zeros"
                     or config.initial_exclude_top_pcs or any(unit.lambda_base is None for unit in self.units)
-                    or (config.initial_W_skip != "zeros" and any(u.W_skip is not None for u in self.units))):
+                    or (config.initial_W_skip != "zeros" and any(u.W_skip is not None for u in self.units))
+                    or (config.initial_transcoder_W_dec != "random"
+                        and any(u.spec.kind == "transcoder" for u in self.units))):
                 self._init_from_first_batch()
         total = config.total_steps
         self._open_loggers()
@@ -631,7 +633,8 @@ class Trainer:
         mean of the normalized target (``initial_b_dec="mean"``), then θ_i ← max(initial_threshold, q-quantile
         of z_i) (``initial_threshold_quantile=q``); a skip transcoder's ``W_skip`` ← the least-squares map from the
         normalized input to the normalized target (``initial_W_skip="least_squares"``; ``b_dec`` then ← mean of
-        ``t − x W_skip``). A ``target_l0`` SAE without λ gets
+        ``t − x W_skip``); a transcoder's decoder rows ← the mean centered target of the tokens each latent fires
+        on (``initial_transcoder_W_dec="fired_target_mean"``). A ``target_l0`` SAE without λ gets
         ``λ = DEFAULT_TARGET_L0_LAMBDA · mean_b ‖t_b‖²`` (t the normalized target: ≈ 1 for an SAE and for a
         transcoder at its own target scale, ≈ 2,500 for a Gemma 3 transcoder at the input's), so the penalty keeps
         the same weight against the reconstruction error."""
@@ -659,13 +662,14 @@ class Trainer:
                     target = target - x @ w_skip
                 if self.config.initial_b_dec == "mean":
                     m.b_dec.copy_(target.mean(dim=0).to(m.b_dec.dtype))
-            if q is None:
-                continue
-            z = m.pre_activations(x_raw)
-            theta = torch.quantile(z.to(torch.float64), q, dim=0).clamp_min(self.config.initial_threshold)
-            m.threshold.copy_(theta.to(m.threshold.dtype))
-            if unit.log_threshold is not None:
-                unit.log_threshold.copy_(torch.log(m.threshold))
+            z = m.pre_activations(x_raw).to(torch.float64)
+            if q is not None:
+                theta = torch.quantile(z, q, dim=0).clamp_min(self.config.initial_threshold)
+                m.threshold.copy_(theta.to(m.threshold.dtype))
+                if unit.log_threshold is not None:
+                    unit.log_threshold.copy_(torch.log(m.threshold))
+            if unit.spec.kind == "transcoder" and self.config.initial_transcoder_W_dec == "fired_target_mean":
+                _decoder_from_fired_targets(m, z, target)
 
     # ------------------------------------------------------------------ output
     def write_suite(self) -> dict[str, Path]:
@@ -745,6 +749,19 @@ def _exclude_top_pcs(unit: _Unit, x: torch.Tensor, k: int) -> None:
     m.W_enc.copy_(w.to(m.W_enc.dtype))            # writes through to the contiguous W_enc_t buffer
     if unit.spec.kind == "sae":
         m.W_dec.copy_(w.t().to(m.W_dec.dtype))
+
+
+def _decoder_from_fired_targets(m: JumpReLUSAE, z: torch.Tensor, target: torch.Tensor) -> None:
+    """``W_dec[i] ← normalize(Σ_{b: z_bi > θ_i} (t_b − t̄))`` (``initial_transcoder_W_dec="fired_target_mean"``):
+    each latent's decoder row points along the mean centered target of the first-batch tokens it fires on; a
+    latent firing on none keeps its row."""
+    fires = (z > m.threshold.detach().to(torch.float64)).to(torch.float64)          # [B, d_sae]
+    w = fires.T @ (target - target.mean(dim=0))                                      # [d_sae, d_out]
+    norms = w.norm(dim=1)
+    ok = norms > 0
+    rows = m.W_dec.detach().to(torch.float64).clone()
+    rows[ok] = w[ok] / norms[ok].unsqueeze(1)
+    m.W_dec.copy_(rows.to(m.W_dec.dtype))
 
 
 def least_squares_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
