@@ -209,9 +209,10 @@ class TrainConfig(BaseModel):
         "random", description="transcoders' decoder rows at initialisation: random unit vectors (App. B) or, for "
         "short budgets (not in the recipe), each latent's mean centered target over the first-batch tokens it "
         "fires on (after θ is set from the first batch), normalized — the transcoder's analogue of an SAE's tied "
-        "W_dec = W_encᵀ: a latent's first firings then point its output where the target goes. On Gemma 3 "
-        "(800k tokens) it halved the latents unfired in the last 262k tokens (70% → 36%) at a lower L0 for the "
-        "same FVU; latents that fire on no first-batch token keep their random row")
+        "W_dec = W_encᵀ: a latent's first firings then point its output where the target goes. Latents that fire "
+        "on no first-batch token keep their random row. Measured on Gemma 3 layer 6 (800k tokens, width 4096): it "
+        "halves the latents unfired in the last 262k tokens (71% → 36%), but at equal L0 (~40) held-out FVU was "
+        "0.40 vs 0.34 and Δ loss 0.110 vs 0.098, so it is not in the short-budget preset")
     initial_W_skip: Literal["zeros", "least_squares"] = Field(
         "zeros", description="skip transcoders' W_skip at initialisation: zeros (Gemma Scope 2) or, for short "
         "budgets (not in the recipe), the least-squares linear map from the first batch's normalized input to its "

@@ -8,9 +8,7 @@ batch's 99th percentile, the top principal direction out of the initial latent d
 the lr for SAEs (dead latents 40–60% → 4–9% over the last 262k tokens, training FVU ~3× lower); a
 transcoder's θ keeps the full lr (at a tenth its L0 stayed above 1,000 in 780 steps), and its target is divided
 by its own norm scale (``transcoder_target_scale = "target"``: a target-L0 60 skip transcoder at ``mlp_in/layer_6``
-ended at L0 735 with App. B's input scale, at L0 57 and FVU 0.15 with its own), and its decoder rows start at
-the mean target of the first-batch tokens each latent fires on (latents unfired over the last 262k of 800k
-tokens: 70% → 36%). ``saescope demo`` uses it.
+ended at L0 735 with App. B's input scale, at L0 57 and FVU 0.15 with its own). ``saescope demo`` uses it.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ _SHORT_BUDGET = {
     "initial_exclude_top_pcs": 1,
     "threshold_lr_scale": 0.1,
     "transcoder_target_scale": "target",
-    "initial_transcoder_W_dec": "fired_target_mean",
 }
 
 
