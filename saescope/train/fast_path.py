@@ -327,6 +327,7 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     limit = _pair_capacity(B, d_sae)
     capacity = min(limit, max(1 << 12, 2 * _LAST_PAIRS.get((B, d_sae), B * FIRST_PAIRS_PER_TOKEN // 2)))
     found_cols, found_values = _pair_buffers(capacity, x.dtype, keep=0)
+    capacity = min(limit, len(found_cols))      # all the room the buffers already have (another SAE's, maybe)
     counts = torch.empty(len(starts), B, dtype=torch.int64)
     block_start = torch.zeros(len(starts), dtype=torch.int64)
     P = 0
@@ -344,8 +345,8 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
                 break
             if capacity >= limit:
                 return None
-            capacity = min(limit, 2 * capacity)
-            found_cols, found_values = _pair_buffers(capacity, x.dtype, keep=P)
+            found_cols, found_values = _pair_buffers(min(limit, 2 * capacity), x.dtype, keep=P)
+            capacity = min(limit, len(found_cols))
         P += n_found
     _LAST_PAIRS[(B, d_sae)] = P
     cols = torch.empty(P, dtype=torch.int32)
