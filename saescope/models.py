@@ -36,6 +36,7 @@ from torch import nn
 
 from saescope.errors import SaescopeError
 from saescope.sites import architecture_of, d_model, n_layers
+from saescope.user_cache import user_cache
 
 __all__ = ["EMBEDDED_MODELS", "LoadedModel", "architecture_of", "embedded_model_file", "load_model"]
 
@@ -109,11 +110,6 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise SaescopeError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("SAESCOPE_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "saescope") / "models"
-
-
 def _cache_enabled(cache: bool) -> bool:
     return cache and os.environ.get("SAESCOPE_MODEL_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -128,7 +124,7 @@ def gguf_cache_dir(gguf: Path) -> tuple[Path, dict[str, Any]]:
              "transformers": transformers.__version__}
 
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
-    return _cache_root() / f"{gguf.stem}-{key}", stamp
+    return user_cache("models") / f"{gguf.stem}-{key}", stamp
 
 
 _STAMP = "saescope-gguf-source.json"

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from saescope.user_cache import user_cache
+
 SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 # tried in order: this CPU's instructions with 512-bit vectors (x86 with AVX-512: ~15% faster than GCC's default
@@ -34,11 +36,6 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 ARCH_FLAGS = (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], [])
 _STATE: dict[str, object] = {}
 DTYPES = {torch.float32: 0, torch.float64: 1}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SAESCOPE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "saescope") / "kernels"
 
 
 def _compiler() -> str | None:
@@ -68,7 +65,7 @@ def _build(compiler: str) -> Path:
         flags = FLAGS + arch
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
-        target = cache_dir() / f"sparse_kernels_{key}.so"
+        target = user_cache("kernels") / f"sparse_kernels_{key}.so"
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
