@@ -188,6 +188,16 @@ class StepResult:
     decoder_gradient_projected: bool = False
 
 
+def _l0_penalty(l0_counts: torch.Tensor, target_l0: float | None, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sparsity penalty per token (``L0_b``, or Gemma Scope 2's ``(2/L0_t)(L0_b − L0_t)²``) and, for the
+    latter, its derivative ``(4/L0_t)(L0_b − L0_t)`` (float64) that scales each token's θ-gradient term."""
+    if target_l0 is None:
+        return l0_counts.to(dtype), None
+    excess = l0_counts.to(torch.float64) - target_l0
+    return ((2.0 / target_l0) * excess.pow(2)).to(dtype), (4.0 / target_l0) * excess
+
+
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
     """Start offset of each bag from the bag sizes."""
     offsets = torch.zeros_like(counts)
@@ -232,6 +242,10 @@ def sparse_training_step(
     kernels of :mod:`saescope.train.sparse_kernels` (every option above; float32 or float64 throughout);
     otherwise, or when it finds more candidate pairs than 1/8 of the entries, on torch ops.
     """
+    if target_l0 is not None:
+        target_l0 = float(target_l0)
+        if not target_l0 > 0:
+            raise ValueError(f"target_l0 must be positive, got {target_l0}")
     lib = sparse_kernels.load() if kernels and _kernels_apply(
         x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) else None
     result = None
@@ -302,10 +316,6 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     B, d_in = x.shape
     d_sae, d_out = W_enc.shape[1], W_dec.shape[1]
     eps, lam = float(bandwidth), float(sparsity_coefficient)
-    if target_l0 is not None:
-        target_l0 = float(target_l0)
-        if not target_l0 > 0:
-            raise ValueError(f"target_l0 must be positive, got {target_l0}")
     dt, ptr = sparse_kernels.DTYPES[x.dtype], sparse_kernels.ptr
     if matryoshka_prefixes is None:
         K, block_of, weights = 1, None, None
@@ -376,12 +386,9 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     token_of = torch.empty(P, dtype=torch.int32)
     lib.saescope_latent_order(B, d_sae, ptr(row_offsets), ptr(cols), ptr(latent_offsets), ptr(pair_of),
                               ptr(token_of))
-    if target_l0 is None:
-        penalty, token_scale = l0_counts.to(reconstruction.dtype), None
-    else:
-        excess = l0_counts.to(torch.float64) - target_l0
-        penalty = ((2.0 / target_l0) * excess.pow(2)).to(reconstruction.dtype)
-        token_scale = ((4.0 / target_l0) * excess).to(x.dtype).contiguous()
+    penalty, token_scale = _l0_penalty(l0_counts, target_l0, reconstruction.dtype)
+    if token_scale is not None:
+        token_scale = token_scale.to(x.dtype).contiguous()
     if reuse_gradient_buffers:   # fresh tensors this large are new memory each step: page faults (~15 ms)
         grad_W_dec = _workspace((d_sae, d_out), x.dtype, x.device, "grad_W_dec")
         grad_W_enc_t = _workspace((d_sae, d_in), x.dtype, x.device, "grad_W_enc")
@@ -405,7 +412,8 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     loss = (reconstruction + lam * penalty).mean()
     return StepResult(
         loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
-        total_variance=float(torch.linalg.vector_norm(target - target.mean(dim=0))) ** 2, fired=fired.bool(), grads=grads,
+        total_variance=float(torch.linalg.vector_norm(target - target.mean(dim=0))) ** 2, fired=fired.bool(),
+        grads=grads,
         full_reconstruction=float(full_reconstruction.mean()), decoder_gradient_projected=project_decoder_gradient,
     )
 
@@ -419,10 +427,6 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
     d_sae = W_enc.shape[1]
     eps = float(bandwidth)
     lam = float(sparsity_coefficient)
-    if target_l0 is not None:
-        target_l0 = float(target_l0)
-        if not target_l0 > 0:
-            raise ValueError(f"target_l0 must be positive, got {target_l0}")
     xc = x - b_dec if apply_b_dec_to_input else x
 
     # The one dense product, then every (token, latent) pair that may be active or in the window.
@@ -506,14 +510,11 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
 
     # L0 per token (forward count), then θ: both STE terms, window pairs only.
     l0_counts = torch.zeros(B, dtype=torch.int64, device=x.device).index_add_(0, rows, active.to(torch.int64))
-    if target_l0 is None:
-        penalty = l0_counts.to(reconstruction.dtype)
+    penalty, per_token = _l0_penalty(l0_counts, target_l0, reconstruction.dtype)
+    if per_token is None:
         g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - (lam / B) / eps) * window
     else:
-        excess = l0_counts.to(torch.float64) - target_l0
-        penalty = ((2.0 / target_l0) * excess.pow(2)).to(reconstruction.dtype)
-        per_token = ((4.0 / target_l0) * excess).to(wide)  # ∂/∂L0_b of (2/L0_t)(L0_b − L0_t)²
-        g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - ((lam / B) / eps) * per_token[rows]) * window
+        g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - ((lam / B) / eps) * per_token.to(wide)[rows]) * window
     grad_threshold = torch.zeros(d_sae, dtype=wide, device=x.device).index_add_(0, cols, g_theta_pairs)
 
     # Encoder / decoder weights: bag-sums grouped by latent (weights 0 where the latent did not fire).
