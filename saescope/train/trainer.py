@@ -106,6 +106,7 @@ class _Unit:
         for p in m.parameters():
             p.requires_grad_(False)      # the dense step turns autograd on for its own pass
         self.density = 1.0               # L0 / width of the previous step: picks the sparse or the dense step
+        self.max_sparse_density = max_sparse_density(config)
         # W_enc is kept as the transpose of a contiguous [d_sae, d_in] buffer: the sparse encoder gradient is
         # produced latent-major, so Adam then runs on contiguous memory.
         self.W_enc_t = m.W_enc.detach().t().contiguous()
@@ -155,7 +156,7 @@ class _Unit:
         if self.latents is not None:      # latent sharding: the dense step with summed partial reconstructions
             result = distributed.sharded_training_step(m, x_raw, lam, target_raw, par.latent_group,
                                                        latent_offset=self.latents.start, d_sae=spec.width, **options)
-        elif config.fast_path and self.density <= max_sparse_density(config):
+        elif config.fast_path and self.density <= self.max_sparse_density:
             x = m.normalize(x_raw)
             target = m.normalize_target(target_raw) if target_raw is not None else None
             if self.W_skip is not None:
@@ -662,13 +663,17 @@ class Trainer:
                     target = target - x @ w_skip
                 if self.config.initial_b_dec == "mean":
                     m.b_dec.copy_(target.mean(dim=0).to(m.b_dec.dtype))
+            fired_rows = (unit.spec.kind == "transcoder"
+                          and self.config.initial_transcoder_W_dec == "fired_target_mean")
+            if q is None and not fired_rows:
+                continue
             z = m.pre_activations(x_raw).to(torch.float64)
             if q is not None:
                 theta = torch.quantile(z, q, dim=0).clamp_min(self.config.initial_threshold)
                 m.threshold.copy_(theta.to(m.threshold.dtype))
                 if unit.log_threshold is not None:
                     unit.log_threshold.copy_(torch.log(m.threshold))
-            if unit.spec.kind == "transcoder" and self.config.initial_transcoder_W_dec == "fired_target_mean":
+            if fired_rows:
                 _decoder_from_fired_targets(m, z, target)
 
     # ------------------------------------------------------------------ output
