@@ -49,8 +49,8 @@ void run_parallel(int nthreads, int64_t n, F body) {
 
 // ---------------------------------------------------------------- scan
 template <class T>
-int64_t scan_rows(const T* xw, const T* lower, int64_t d, int64_t b0, int64_t b1, int32_t* out, T* vals,
-                  int64_t capacity, int64_t* row_counts) {
+int64_t scan_rows(const T* xw, const T* lower, int64_t d, int64_t col_offset, int64_t b0, int64_t b1, int32_t* out,
+                  T* vals, int64_t capacity, int64_t* row_counts) {
   int64_t n = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const T* row = xw + b * d;
@@ -65,7 +65,7 @@ int64_t scan_rows(const T* xw, const T* lower, int64_t d, int64_t b0, int64_t b1
           while (m) {
             int j = __builtin_ctz(m);
             vals[n] = row[i + j];
-            out[n++] = static_cast<int32_t>(i + j);
+            out[n++] = static_cast<int32_t>(col_offset + i + j);
             m &= m - 1;
           }
         }
@@ -79,7 +79,7 @@ int64_t scan_rows(const T* xw, const T* lower, int64_t d, int64_t b0, int64_t b1
           while (mm) {
             int j = __builtin_ctz(mm);
             vals[n] = row[i + j];
-            out[n++] = static_cast<int32_t>(i + j);
+            out[n++] = static_cast<int32_t>(col_offset + i + j);
             mm &= mm - 1;
           }
         }
@@ -90,7 +90,7 @@ int64_t scan_rows(const T* xw, const T* lower, int64_t d, int64_t b0, int64_t b1
       if (row[i] > lower[i]) {
         if (n >= capacity) return -1;
         vals[n] = row[i];
-        out[n++] = static_cast<int32_t>(i);
+        out[n++] = static_cast<int32_t>(col_offset + i);
       }
     }
     row_counts[b] = n - start;
@@ -107,7 +107,7 @@ int64_t scan_candidates(const T* xw, const T* lower, int64_t B, int64_t d, int64
   std::vector<int64_t> found(nthreads, 0);
   int64_t slice = capacity / nthreads;
   run_parallel(nthreads, B, [&](int t, int64_t b0, int64_t b1) {
-    found[t] = scan_rows(xw, lower, d, b0, b1, cols + slice * t, vals + slice * t, slice, row_counts);
+    found[t] = scan_rows(xw, lower, d, col_offset, b0, b1, cols + slice * t, vals + slice * t, slice, row_counts);
   });
   int64_t total = 0;
   for (int t = 0; t < nthreads; ++t) {
@@ -117,9 +117,6 @@ int64_t scan_candidates(const T* xw, const T* lower, int64_t B, int64_t d, int64
       std::memmove(vals + total, vals + slice * t, found[t] * sizeof(T));
     }
     total += found[t];
-  }
-  if (col_offset != 0) {
-    for (int64_t p = 0; p < total; ++p) cols[p] += static_cast<int32_t>(col_offset);
   }
   return total;
 }
