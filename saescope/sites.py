@@ -18,8 +18,11 @@ a tensor); :func:`read_sites` and :mod:`saescope.splice` are built on it.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -280,7 +283,38 @@ def hooked(model: Any, callbacks: Iterable[tuple[Site | str, SiteCallback]]):
 
 
 class _StopForward(Exception):
-    """Raised from a hook once every requested site is captured, to skip the rest of the forward pass."""
+    """Raised from a hook once every requested site is captured, to skip the rest of the forward pass.
+
+    It carries the token of the :func:`read_sites` call that raised it, so a call only swallows its own stop.
+    """
+
+    def __init__(self, call: object) -> None:
+        super().__init__()
+        self.call = call
+
+
+#: The :func:`read_sites` call whose forward pass is running in this thread (each thread has its own value).
+#: Hooks live on the shared modules, so a forward pass also meets the hooks other threads installed; each
+#: hook acts only when the forward pass it sees is its own call's.
+_current_read: ContextVar[object | None] = ContextVar("saescope_current_read", default=None)
+
+_forward_locks: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_forward_locks_guard = threading.Lock()
+
+
+def forward_lock(model: Any) -> threading.Lock:
+    """One lock per causal LM, for callers that share a model between threads (``saescope browse``).
+
+    :func:`read_sites` is correct without it (each call's hooks react only to its own forward pass), but
+    hooks that splice or steer change every forward pass through the module while installed, and parallel
+    forward passes of one model only compete for the same cores/memory: hold this lock around them.
+    """
+    lm = _unwrap(model)
+    with _forward_locks_guard:
+        lock = _forward_locks.get(lm)
+        if lock is None:
+            lock = _forward_locks[lm] = threading.Lock()
+        return lock
 
 
 def _as_sites(model: nn.Module, sites: Site | str | Sequence[Site | str]) -> list[Site]:
@@ -310,30 +344,42 @@ def read_sites(
         input_ids = input_ids.unsqueeze(0)
     device = next(lm.parameters()).device
     captured: dict[str, torch.Tensor] = {}
+    call = object()  # this call's token: its hooks ignore every other forward pass through the model
 
     def reader(site_id: str) -> SiteCallback:
         def capture(tensor: torch.Tensor) -> None:
-            captured[site_id] = tensor.detach()
+            if _current_read.get() is call:
+                captured[site_id] = tensor.detach()
         return capture
 
     last_block = decoder_layers(lm)[max(site.layer for site in parsed)]
 
     def stop(_module: nn.Module, _args: tuple, _output: Any) -> None:
-        raise _StopForward
+        if _current_read.get() is call:
+            raise _StopForward(call)
 
+    stopped = False
     with hooked(lm, [(site, reader(site.id)) for site in parsed]):
         stop_handle = last_block.register_forward_hook(stop)  # after the readers, so they run first
+        running = _current_read.set(call)
         try:
             with torch.no_grad():
                 lm(input_ids=input_ids.to(device),
                    attention_mask=None if attention_mask is None else attention_mask.to(device),
                    use_cache=False)
-        except _StopForward:
-            pass
+        except _StopForward as exc:
+            if exc.call is not call:
+                raise
+            stopped = True
         finally:
+            _current_read.reset(running)
             stop_handle.remove()
     missing = [site.id for site in parsed if site.id not in captured]
     if missing:
-        raise SaescopeError(f"the forward pass never reached {', '.join(missing)} "
+        # only this call's own forward pass fills `captured`: a site is missing because the model's forward
+        # (which ran to its end unless `stopped`) skipped the module the site table names
+        ended = "stopped at" if stopped else "ran to its end without reaching the end of"
+        raise SaescopeError(f"the forward pass never reached {', '.join(missing)}: it {ended} block "
+                            f"{max(site.layer for site in parsed)} "
                             f"({type(lm).__name__} may not follow the {architecture_of(lm)} layout)")
     return {site.id: captured[site.id] for site in parsed}

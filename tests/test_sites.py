@@ -228,3 +228,56 @@ def test_loaded_model_wrapper_is_accepted():
     b = read_sites(model, tiny_ids(), "mlp_out:1")["mlp_out/layer_1"]
     assert torch.equal(a, b)
     assert site_width(wrapped, "attn_out:0") == 48
+
+
+class _Gate:
+    """A forward pre-hook for block 0 that holds every forward pass there until ``n`` of them are inside the
+    model (at most ``patience`` seconds, once): all the calls' hooks are then installed on the shared modules
+    at the same time, the worst case for calls that would react to each other's forward passes."""
+
+    def __init__(self, n: int, patience: float = 10.0) -> None:
+        import threading
+
+        self.n, self.patience, self.arrived, self.gave_up = n, patience, 0, False
+        self.cond = threading.Condition()
+
+    def __call__(self, _module, _args) -> None:
+        with self.cond:
+            self.arrived += 1
+            self.cond.notify_all()
+            if not self.gave_up and not self.cond.wait_for(lambda: self.arrived >= self.n, self.patience):
+                self.gave_up = True
+
+
+def test_concurrent_reads_of_one_model_each_get_their_own_sites():
+    """Threads sharing one model (``saescope browse``): each read_sites call's hooks and early stop react only
+    to its own forward pass. Reference: the same calls one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_model("gemma3")
+    jobs = [(tiny_ids(batch=1, seq=4 + i, seed=i), site)
+            for i, site in enumerate(["resid_post/layer_1", "attn_out/layer_0", "mlp_out/layer_2", "mlp_in/layer_1",
+                                      "resid_post/layer_0", "resid_post/layer_1", "attn_out/layer_2", "mlp_out/layer_0"])]
+    expected = [read_sites(model, ids, site)[site] for ids, site in jobs]
+    gate = _Gate(len(jobs))
+    handle = decoder_layers(model)[0].register_forward_pre_hook(gate)
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda job: read_sites(model, job[0], job[1])[job[1]], jobs))
+    finally:
+        handle.remove()
+    assert gate.arrived == len(jobs) and not gate.gave_up  # all the forward passes overlapped
+    for (_, site), want, have in zip(jobs, expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6, msg=site)
+    assert not any(block._forward_hooks for block in decoder_layers(model))
+
+
+def test_a_forward_pass_that_skips_the_site_is_a_layout_error():
+    """A genuine layout mismatch: the model runs only its first block (its config says 1 layer while the module
+    tree holds 3), so the forward pass ends without reaching layer 2."""
+    model = tiny_model("gemma3")
+    model.config.num_hidden_layers = 1
+    with pytest.raises(SaescopeError, match=r"never reached resid_post/layer_2: it ran to its end .*"
+                                            r"Gemma3ForCausalLM may not follow the gemma3 layout"):
+        read_sites(model, tiny_ids(), "resid_post/layer_2")
+    assert read_sites(model, tiny_ids(), "resid_post/layer_0")["resid_post/layer_0"].shape == (2, 10, D_MODEL)

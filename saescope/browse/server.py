@@ -142,7 +142,7 @@ class BrowseApp:
 
     def analyze(self, n: int, text: str, top: int = 5) -> dict:
         """Per token of ``text``: its string and the ``top`` strongest latents ``[(i, act)]`` at the SAE's site."""
-        from saescope.sites import read_sites
+        from saescope.sites import forward_lock, read_sites
 
         entry = self.entry(n)
         sae = self.load_sae(entry)
@@ -154,7 +154,8 @@ class BrowseApp:
         ids = tokenizer(text[:MAX_TEXT_CHARS], return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             return {"tokens": [], "site": site}
-        x = read_sites(lm, ids, [site])[site][0]
+        with forward_lock(lm):  # the server's threads share the model: one forward pass at a time
+            x = read_sites(lm, ids, [site])[site][0]
         with torch.no_grad():
             f = sae.encode(x.to(sae.device)).float().cpu()
         from saescope.dashboards.build import TokenText
