@@ -166,6 +166,37 @@ def test_resume_one_rank_to_two(tmp_path, reference, latent_shards):
     _assert_same_suites(ref_folders, results[0])
 
 
+def _own_stream_worker(rank: int, world: int, init_file: str, cfg_json: str, result_file: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig.model_validate_json(cfg_json)
+        acts = _acts()
+        source = TensorBatchSource(acts, cfg.batch_size // world, seed=rank)     # a stream of its own
+        scales = {k: TensorBatchSource(acts, cfg.batch_size).norm_scale(k) for k in acts}
+        try:
+            Trainer(cfg, source, scales, progress=False).run(max_steps=1)
+            message = "no error"
+        except SaescopeError as exc:
+            message = str(exc)
+        with open(f"{result_file}.{rank}", "w") as fh:
+            fh.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_streams_of_their_own_are_refused(tmp_path):
+    """A checkpoint holds one global data position; ranks whose sources disagree on it cannot be resumed, so
+    the first checkpoint stops with a message instead of recording one rank's position for all."""
+    result = str(tmp_path / "result")
+    cfg = _config(tmp_path / "run", initial_b_dec="zeros", initial_threshold_quantile=None, initial_exclude_top_pcs=0)
+    mp.spawn(_own_stream_worker, args=(2, str(tmp_path / "rendezvous"), cfg.model_dump_json(), result), nprocs=2,
+             join=True)
+    for r in range(2):
+        with open(f"{result}.{r}") as fh:
+            assert "the same (global) position" in fh.read()
+
+
 def test_reduce_and_copy_autograd_pair(tmp_path):
     """One process (world of one): the pair is the identity forward and backward."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)

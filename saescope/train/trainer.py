@@ -376,6 +376,12 @@ class Trainer:
         if hasattr(self.source, "state_dict"):
             # the global data position: the same on every rank (the sources walk the same global batches)
             state = self._pending_state if self._pending_batch is not None else self.source.state_dict()
+            if par is not None and par.data_shards > 1 and not all(
+                    _same_state(other, state) for other in distributed.all_gather_object(state)):
+                raise SaescopeError(
+                    "under data parallel every rank's batch source must report the same (global) position: give "
+                    "each rank its share of one global source (saescope.distributed.DataShard, or an "
+                    "ActivationLoader with rank/world_size), not a stream of its own")
             meta["loader"] = ckpt.split_state(state, "loader", tensors)
         else:
             meta["loader"] = None
@@ -777,6 +783,14 @@ def least_squares_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> 
     gram = xc.T @ xc
     gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-300)
     return torch.linalg.solve(gram, xc.T @ yc)
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    """Whether two batch-source positions are equal (positions holding tensors are taken as equal)."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return True
 
 
 def train(config: TrainConfig, source: Iterable[dict[str, torch.Tensor]], norm_scales: dict[str, float],
