@@ -6,11 +6,14 @@ tensors (gloo on CPU, NCCL on GPU, the same code). The ``world_size`` ranks form
 ``data_shards × latent_shards`` (``TrainConfig.latent_shards``; ``rank = data_rank · latent_shards +
 latent_rank``):
 
-- **data parallel** — each data rank reads a disjoint stream of batches, ``batch_size / data_shards`` tokens
-  per step (``batch_size`` stays the *global* tokens per step, so the schedules, the step count and a resume on
-  another world size do not change). Each rank's loss is a mean over its tokens, so the global-batch gradient
-  is the mean of the ranks' gradients: one ``all_reduce`` (sum, then ÷ data_shards) before the decoder-norm
-  projection and the Adam step. Every rank then applies the same update and the replicas stay equal.
+- **data parallel** — every data rank walks the same sequence of global batches of ``batch_size`` rows and
+  takes its own share of each (about ``batch_size / data_shards`` rows; see
+  :class:`saescope.store.loader.ActivationLoader` and :class:`DataShard`), so step ``t`` trains on the same
+  rows whatever the number of ranks, and the data position in a checkpoint is global (a run resumes on another
+  number of ranks with the next global batch). Each rank's loss is a mean over its ``n_r`` rows, so the
+  global-batch gradient is ``Σ_r n_r g_r / Σ_r n_r``: one ``all_reduce`` of the row-weighted gradients (and
+  of ``n_r``) before the decoder-norm projection and the Adam step. Every rank then applies the same update
+  and the replicas stay equal.
 - **latent sharding** — each latent rank holds a contiguous slice of the latents: columns of ``W_enc``, rows of
   ``W_dec``, entries of ``b_enc`` / ``θ``, plus a replica of ``b_dec``. The partial reconstructions
   ``f_r W_dec,r`` and the partial L0 counts are summed with one ``all_reduce`` (:func:`reduce_from_shards`,
@@ -255,28 +258,46 @@ def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: flo
 
 # ---------------------------------------------------------------------- data parallel
 @torch.no_grad()
-def average_gradients(grads: dict[str, torch.Tensor], group: Any, shards: int) -> dict[str, torch.Tensor]:
-    """Mean of each gradient over the data group: one flat all_reduce per dtype."""
+def average_gradients(grads: dict[str, torch.Tensor], group: Any, rows: int
+                      ) -> tuple[dict[str, torch.Tensor], int]:
+    """The global batch's mean gradient from each rank's mean over its ``rows`` rows: ``Σ_r n_r g_r / Σ_r n_r``
+    (ranks with more rows weigh more). One flat all_reduce per dtype; ``n_r`` travels in the first. Returns the
+    averaged gradients and the global row count ``Σ_r n_r``."""
     by_dtype: dict[torch.dtype, list[str]] = {}
     for name, g in grads.items():
         by_dtype.setdefault(g.dtype, []).append(name)
     out = dict(grads)
-    for names in by_dtype.values():
-        flat = torch.cat([grads[n].reshape(-1) for n in names])
-        dist.all_reduce(flat, group=group)
-        flat.div_(shards)
+    # the row count rides along in a float32/float64 vector (exact to 2^24 rows); else in its own
+    host = next((d for d in (torch.float64, torch.float32) if d in by_dtype), None)
+    count = torch.tensor([float(rows)], dtype=torch.float64, device=next(iter(grads.values())).device)
+    flats: dict[torch.dtype, torch.Tensor] = {}
+    for dtype, names in by_dtype.items():
+        parts = [grads[n].reshape(-1) * rows for n in names]
+        if dtype == host:
+            parts.append(count.to(dtype))
+        flats[dtype] = torch.cat(parts)
+        dist.all_reduce(flats[dtype], group=group)
+    if host is None:
+        dist.all_reduce(count, group=group)
+    else:
+        count = flats[host][-1:]
+    total = int(round(float(count[0])))
+    for dtype, names in by_dtype.items():
+        flat = flats[dtype][:-1] if dtype == host else flats[dtype]
+        flat.div_(total)
         offset = 0
         for n in names:
             size = grads[n].numel()
             out[n] = flat[offset:offset + size].view(grads[n].shape)
             offset += size
-    return out
+    return out, total
 
 
 @torch.no_grad()
-def reduce_step_statistics(result, group: Any, shards: int, target: torch.Tensor | None = None):
-    """Batch statistics of the global batch: means of loss / reconstruction / full reconstruction / L0 (equal
-    per-rank batches), union of the latents that fired, and the global batch's centred variance.
+def reduce_step_statistics(result, group: Any, rows: int, target: torch.Tensor | None = None):
+    """Batch statistics of the global batch from each rank's ``rows`` rows: row-weighted means of loss /
+    reconstruction / full reconstruction / L0, union of the latents that fired, and the global batch's
+    centred variance.
 
     Each rank's ``total_variance`` is centred on its own mean; with ``target`` (this rank's normalized target
     rows) the global one is ``Σ_r V_r + Σ_r n_r‖μ_r‖² − N‖μ‖²`` (the per-rank sums of t travel too), so FVU is
@@ -285,21 +306,22 @@ def reduce_step_statistics(result, group: Any, shards: int, target: torch.Tensor
     full = result.full_reconstruction
     if target is not None:
         sums = target.sum(dim=0, dtype=torch.float64).to(device)
-        between = float(sums.pow(2).sum()) / target.shape[0]         # n_r ‖μ_r‖²
+        between = float(sums.pow(2).sum()) / max(target.shape[0], 1)         # n_r ‖μ_r‖²
     else:
         sums, between = torch.zeros(0, dtype=torch.float64, device=device), 0.0
-    stats = torch.tensor([result.loss, result.reconstruction, result.l0, result.total_variance,
-                          result.reconstruction if full is None else full, between,
-                          0.0 if target is None else float(target.shape[0])], dtype=torch.float64, device=device)
+    n = float(rows)
+    stats = torch.tensor([result.loss * n, result.reconstruction * n, result.l0 * n, result.total_variance,
+                          (result.reconstruction if full is None else full) * n, between, n],
+                         dtype=torch.float64, device=device)
     packed = torch.cat([stats, sums, result.fired.to(torch.float64)])
     dist.all_reduce(packed, group=group)
-    result.loss = float(packed[0]) / shards
-    result.reconstruction = float(packed[1]) / shards
-    result.l0 = float(packed[2]) / shards
+    n_total = float(packed[6])
+    result.loss = float(packed[0]) / n_total
+    result.reconstruction = float(packed[1]) / n_total
+    result.l0 = float(packed[2]) / n_total
     result.total_variance = float(packed[3])
-    result.full_reconstruction = float(packed[4]) / shards
+    result.full_reconstruction = float(packed[4]) / n_total
     if target is not None:
-        n_total = float(packed[6])
         total_sums = packed[7:7 + len(sums)]
         result.total_variance += float(packed[5]) - float(total_sums.pow(2).sum()) / n_total
     result.fired = packed[7 + len(sums):] > 0
@@ -314,21 +336,30 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def gather_batch(batch: dict[str, torch.Tensor], group: Any, shards: int) -> dict[str, torch.Tensor]:
-    """The global batch: every data rank's rows, concatenated in rank order."""
-    out = {}
+    """The global batch: every data rank's rows (their counts may differ), concatenated in rank order."""
     device = _comm_device(group)
+    n = next(iter(batch.values())).shape[0]
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(shards)]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=device), group=group)
+    counts_list = [int(c) for c in counts]
+    most = max(counts_list)
+    out = {}
     for site, t in batch.items():
-        local = t.to(device).contiguous()
+        local = t.to(device)
+        if n < most:                       # all_gather needs equal shapes: pad, then cut each part back
+            local = torch.cat([local, local.new_zeros((most - n, *local.shape[1:]))])
+        local = local.contiguous()
         parts = [torch.empty_like(local) for _ in range(shards)]
         dist.all_gather(parts, local, group=group)
-        out[site] = torch.cat(parts).to(t.device)
+        out[site] = torch.cat([p[:c] for p, c in zip(parts, counts_list)]).to(t.device)
     return out
 
 
 class DataShard:
-    """Rank ``rank`` of ``shards``: rows ``[rank·b, (rank+1)·b)`` (``b = batch/shards``) of each batch of a global
-    batch source. Its position is the global source's, so a checkpoint resumes exactly on any number of ranks.
-    (``saescope train`` instead gives each rank its own activation-store stream.)"""
+    """Rank ``rank`` of ``shards``: rows ``[rank·n // shards, (rank+1)·n // shards)`` of each ``n``-row batch of
+    a global batch source (for in-memory sources; ``saescope train`` gives the rank count to the
+    :class:`~saescope.store.loader.ActivationLoader`, which reads only its share). Its position is the global
+    source's, so a checkpoint resumes exactly on any number of ranks."""
 
     def __init__(self, source, rank: int, shards: int):
         self.source, self.rank, self.shards = source, rank, shards
@@ -336,10 +367,10 @@ class DataShard:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.source:
             n = next(iter(batch.values())).shape[0]
-            if n % self.shards:
-                raise SaescopeError(f"a batch of {n} rows does not split into {self.shards} equal data shards")
-            b = n // self.shards
-            yield {k: v[self.rank * b:(self.rank + 1) * b] for k, v in batch.items()}
+            if n < self.shards:
+                raise SaescopeError(f"a batch of {n} rows cannot give each of {self.shards} data ranks a row")
+            lo, hi = self.rank * n // self.shards, (self.rank + 1) * n // self.shards
+            yield {k: v[lo:hi] for k, v in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()
@@ -349,14 +380,6 @@ class DataShard:
 
     def norm_scale(self, site_id: str) -> float:
         return self.source.norm_scale(site_id)
-
-
-def adapt_loader_state(state: dict[str, Any], source) -> dict[str, Any]:
-    """A store loader position saved with another number of data ranks, moved to this rank's stream at the
-    same epoch and the same fraction of it (the rows differ from an unbroken run; nothing is exact here)."""
-    if isinstance(state, dict) and "world_size" in state and hasattr(source, "world_size"):
-        state = dict(state, rank=source.rank, world_size=source.world_size, batch_size=source.batch_size)
-    return state
 
 
 # ---------------------------------------------------------------------- checkpoints: gather / slice latents

@@ -1,8 +1,11 @@
 """torch.distributed training (saescope.distributed): two (or four) gloo processes on CPU give the same SAEs as one
-process trained on the same global batches, and a checkpoint from two ranks resumes in one.
+process trained on the same global batches, and a checkpoint from two ranks resumes in one. Through the CLI on an
+activation store (`torchrun -m saescope train`): 1, 2 and 4 processes give the same SAEs, and a run stopped on
+one number of processes resumes on another.
 
 The reference is the ordinary single-process Trainer (itself checked against autograd and float64 elsewhere);
-the processes are started with torch.multiprocessing and a FileStore rendezvous, no torchrun needed.
+the in-memory tests start the processes with torch.multiprocessing and a FileStore rendezvous; the store tests run
+the real command lines.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import torch.multiprocessing as mp
 from saescope import distributed
 from saescope.errors import SaescopeError
 from saescope.formats import load_sae
-from saescope.store import ActivationLoader, StoreWriter
-from saescope.train import SAESpec, TrainConfig, Trainer, train_from_store
+from saescope.store import StoreWriter
+from saescope.train import SAESpec, TrainConfig, Trainer
 from saescope.train.checkpoint import latest_checkpoint, load_checkpoint
 from saescope.train.sources import TensorBatchSource
 
@@ -68,11 +71,8 @@ def _worker(rank: int, world: int, init_file: str, cfg_json: str, max_steps: int
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = TrainConfig.model_validate_json(cfg_json)
-        if cfg.store is not None:         # saescope train's path: each data rank reads its own store stream
-            folders = train_from_store(cfg, progress=False)
-        else:
-            par = distributed.current(cfg.latent_shards)
-            folders = _train(cfg, par.data_rank, par.data_shards, max_steps)
+        par = distributed.current(cfg.latent_shards)
+        folders = _train(cfg, par.data_rank, par.data_shards, max_steps)
         with open(f"{result_file}.{rank}", "w") as fh:
             json.dump({k: str(v) for k, v in folders.items()}, fh)
     finally:
@@ -166,6 +166,37 @@ def test_resume_one_rank_to_two(tmp_path, reference, latent_shards):
     _assert_same_suites(ref_folders, results[0])
 
 
+def _own_stream_worker(rank: int, world: int, init_file: str, cfg_json: str, result_file: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig.model_validate_json(cfg_json)
+        acts = _acts()
+        source = TensorBatchSource(acts, cfg.batch_size // world, seed=rank)     # a stream of its own
+        scales = {k: TensorBatchSource(acts, cfg.batch_size).norm_scale(k) for k in acts}
+        try:
+            Trainer(cfg, source, scales, progress=False).run(max_steps=1)
+            message = "no error"
+        except SaescopeError as exc:
+            message = str(exc)
+        with open(f"{result_file}.{rank}", "w") as fh:
+            fh.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_streams_of_their_own_are_refused(tmp_path):
+    """A checkpoint holds one global data position; ranks whose sources disagree on it cannot be resumed, so
+    the first checkpoint stops with a message instead of recording one rank's position for all."""
+    result = str(tmp_path / "result")
+    cfg = _config(tmp_path / "run", initial_b_dec="zeros", initial_threshold_quantile=None, initial_exclude_top_pcs=0)
+    mp.spawn(_own_stream_worker, args=(2, str(tmp_path / "rendezvous"), cfg.model_dump_json(), result), nprocs=2,
+             join=True)
+    for r in range(2):
+        with open(f"{result}.{r}") as fh:
+            assert "the same (global) position" in fh.read()
+
+
 def test_reduce_and_copy_autograd_pair(tmp_path):
     """One process (world of one): the pair is the identity forward and backward."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
@@ -191,10 +222,12 @@ def test_bad_grids_are_refused():
 def test_data_shard_splits_each_global_batch():
     acts = _acts(n=256)
     whole = list(TensorBatchSource(acts, 64, seed=3, epochs=1))
-    halves = [list(distributed.DataShard(TensorBatchSource(acts, 64, seed=3, epochs=1), r, 2)) for r in range(2)]
-    for b, h0, h1 in zip(whole, *halves, strict=True):
-        for site in acts:
-            assert torch.equal(torch.cat([h0[site], h1[site]]), b[site])
+    for shards in (2, 3):                   # 64 rows: 32/32 and 21/21/22
+        parts = [list(distributed.DataShard(TensorBatchSource(acts, 64, seed=3, epochs=1), r, shards))
+                 for r in range(shards)]
+        for b, *shares in zip(whole, *parts, strict=True):
+            for site in acts:
+                assert torch.equal(torch.cat([p[site] for p in shares]), b[site])
 
 
 def test_single_process_path_unchanged_without_torchrun(monkeypatch):
@@ -222,49 +255,122 @@ def store(tmp_path_factory):
     return path
 
 
-class _Concatenated:
-    """One process's view of two data ranks: each global batch is rank 0's rows then rank 1's."""
+STORE_CONFIG = """
+batch_size = 90
+lr = 3e-3
+lr_warmup_steps = 3
+sparsity_warmup_steps = 4
+log_every = 5
+checkpoint_every = 0
+dtype = "float64"
+seed = 3
+shuffle_buffer = 256
+initial_threshold = 0.05
+bandwidth = 0.05
+initial_b_dec = "mean"
+initial_threshold_quantile = 0.8
+fast_path_max_density = 1.0
 
-    def __init__(self, loaders):
-        self.loaders = loaders
-
-    def __iter__(self):
-        for parts in zip(*self.loaders):
-            yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def test_store_streams_data_parallel_matches_one_process(tmp_path, store):
-    cfg = TrainConfig(saes=[SAESpec(site=STORE_SITE, width=32, sparsity_coefficient=0.02)], total_tokens=10 * 100,
-                      batch_size=100, lr=3e-3, lr_warmup_steps=3, sparsity_warmup_steps=4, log_every=5,
-                      checkpoint_every=0, dtype="float64", initial_threshold=0.05, bandwidth=0.05,
-                      fast_path_max_density=1.0, store=store, out_dir=tmp_path / "two", shuffle_buffer=256, seed=3)
-    _spawn(cfg, 2, tmp_path)
-    loaders = [ActivationLoader(store, [STORE_SITE], 50, seed=3, epochs=None, shuffle_buffer=256, rank=r,
-                                world_size=2) for r in range(2)]
-    one = cfg.model_copy(update={"out_dir": tmp_path / "one"})
-    Trainer(one, _Concatenated(loaders), {STORE_SITE: loaders[0].norm_scale(STORE_SITE)},
-            {STORE_SITE: 16}, progress=False).run()
-    a = load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints"))[0]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints"))[0]
-    _assert_same({k: v for k, v in a.items() if k.startswith("sae")}, {k: v for k, v in b.items() if k.startswith("sae")})
+[[saes]]
+site = "resid_post/layer_1"
+width = 32
+sparsity_coefficient = 0.02
+"""
+STORE_BATCH, STORE_STEPS = 90, 26
+"""1,200 rows: 13 global batches of 90 per epoch, so 26 steps cross an epoch; shuffle blocks of 180 rows (two
+batches). 90 rows split 45/45 over 2 ranks and 22/22/23/23 over 4 (unequal shares, weighted by rows). The
+first batch initialises b_dec and θ (its rows gathered from every rank)."""
 
 
-@pytest.mark.parametrize("latent_shards", [1, 2], ids=["data-parallel", "latent-sharded"])
-def test_torchrun_cli_then_resume_in_one_process(tmp_path, store, latent_shards):
-    """`torchrun --nproc-per-node 2 -m saescope train ...` (gloo), then the same command in one process resumes."""
+def _cli_train(tmp_path, store, out, processes: int, steps: int, *flags: str):
+    """`python -m saescope train` (one process) or `torchrun --nproc-per-node N -m saescope train` (gloo)."""
+    config = tmp_path / "train.toml"
+    config.write_text(STORE_CONFIG)
+    launcher = ([sys.executable, "-m", "saescope"] if processes == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+                 "-m", "saescope"])
+    run = subprocess.run([*launcher, "train", str(config), "--store", str(store), "--out", str(out),
+                          "--total-tokens", str(steps * STORE_BATCH), *flags], check=False, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    tensors, meta = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert meta["step"] == steps and meta["tokens_seen"] == steps * STORE_BATCH
+    return tensors, meta
+
+
+def _assert_close_relative(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], rel: float = 1e-8):
+    """Every SAE tensor (parameters, Adam moments, counters) within ``rel`` of the reference in relative norm."""
+    ref = {k: v for k, v in ref.items() if k.startswith("sae")}
+    assert ref.keys() == {k for k in got if k.startswith("sae")}
+    for k, expected in ref.items():
+        if not expected.is_floating_point():
+            assert torch.equal(got[k], expected), k
+            continue
+        error = float((got[k].double() - expected.double()).norm())
+        assert error <= rel * float(expected.double().norm()) + 1e-300, (k, error)
+
+
+@pytest.fixture(scope="module")
+def store_reference(store, tmp_path_factory):
+    """One process through the CLI, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("store_one_process")
+    tensors, meta = _cli_train(tmp, store, tmp / "run", 1, STORE_STEPS)
+    assert meta["loader"]["epoch"] == 1 and meta["loader"]["batch"] == 13   # two whole epochs
+    return tensors, meta, _metrics(tmp / "run")
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_cli_data_parallel_on_a_store_equals_one_process(tmp_path, store, store_reference, processes):
+    """`torchrun --nproc-per-node {2,4} -m saescope train` ends with the one-process SAEs (float64, 1e-8
+    relative): step t trains on the same global batch whatever the number of ranks."""
+    ref_tensors, ref_meta, ref_rows = store_reference
+    tensors, meta = _cli_train(tmp_path, store, tmp_path / "run", processes, STORE_STEPS)
+    assert meta["world_size"] == processes and meta["loader"] == ref_meta["loader"]
+    _assert_close_relative(ref_tensors, tensors)
+    rows = _metrics(tmp_path / "run")      # the logged statistics of the global batches (row-weighted means)
+    assert len(rows) == len(ref_rows) == STORE_STEPS // 5
+    for a, b in zip(ref_rows, rows):
+        assert a["tokens"] == b["tokens"]
+        for key in ("loss", "mse", "l0", "fvu", "dead_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (a["step"], key)
+
+
+@pytest.mark.parametrize("first,then,stop", [(1, 2, 11), (2, 1, 15)])
+def test_cli_resume_on_another_number_of_processes(tmp_path, store, store_reference, first, then, stop):
+    """Stopped at step `stop` on `first` processes, resumed by the same command on `then`: the checkpoint holds the
+    global data position, so the run continues the same global batches (none skipped or repeated) and ends
+    where the uninterrupted one-process run ends."""
+    ref_tensors, ref_meta, _ = store_reference
+    out = tmp_path / "run"
+    stopped, meta = _cli_train(tmp_path, store, out, first, stop)
+    assert meta["loader"]["epoch"] * 13 + meta["loader"]["batch"] == stop
+    tensors, meta = _cli_train(tmp_path, store, out, then, STORE_STEPS)
+    assert meta["loader"] == ref_meta["loader"]
+    _assert_close_relative(ref_tensors, tensors)
+    # not vacuous: the resumed steps moved the weights far more than the tolerance
+    W_enc = ref_tensors["sae0/param/W_enc"]
+    assert float((W_enc - stopped["sae0/param/W_enc"]).norm()) > 1e-2 * float(W_enc.norm())
+
+
+def test_torchrun_cli_latent_sharded_then_resume_in_one_process(tmp_path, store):
+    """`torchrun --nproc-per-node 2 -m saescope train --latent-shards 2` (gloo), then the same command in one
+    process resumes."""
     out = tmp_path / "run"
     flags = ["train", "--store", str(store), "--out", str(out), "--sites", STORE_SITE, "--width", "32", "--lambda",
              "0.02", "--batch-size", "100", "--lr", "3e-3", "--lr-warmup-steps", "3", "--sparsity-warmup-steps", "4",
              "--log-every", "2", "--checkpoint-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "saescope", *flags, "--total-tokens", "400", "--latent-shards", str(latent_shards)],
+                          "-m", "saescope", *flags, "--total-tokens", "400", "--latent-shards", "2"],
                          check=False, capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     tensors, meta = load_checkpoint(latest_checkpoint(out / "checkpoints"))
-    data_shards = 2 // latent_shards
-    assert meta["step"] == 4 and meta["world_size"] == 2 and len(meta["loader_ranks"]) == data_shards
-    assert [s["rank"] for s in distributed_loader_states(meta, tensors)] == list(range(data_shards))
+    assert meta["step"] == 4 and meta["world_size"] == 2 and meta["latent_shards"] == 2
+    assert meta["loader"]["batch"] == 4 and "loader_ranks" not in meta
     assert tensors["sae0/param/W_enc"].shape == (16, 32)
     assert (out / "suite" / "training_summary.json").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -274,13 +380,7 @@ def test_torchrun_cli_then_resume_in_one_process(tmp_path, store, latent_shards)
     assert run.returncode == 0, run.stdout + run.stderr
     tensors, meta = load_checkpoint(latest_checkpoint(out / "checkpoints"))
     assert meta["step"] == 8 and "world_size" not in meta
-    assert meta["loader"]["world_size"] == 1 and meta["loader"]["batch_size"] == 100
-
-
-def distributed_loader_states(meta, tensors):
-    from saescope.train.checkpoint import join_state
-
-    return [join_state(s, tensors) for s in meta["loader_ranks"]]
+    assert meta["loader"]["batch"] == 8 and meta["loader"]["batch_size"] == 100
 
 
 def test_data_parallel_matryoshka_logs_the_global_fvu(tmp_path):

@@ -1,4 +1,5 @@
-"""ActivationLoader: determinism per seed, shuffling across shards, lockstep sites, exact resume, rank streams."""
+"""ActivationLoader: determinism per seed, shuffling across shards, lockstep sites, exact resume, rank shares of
+global batches (resumable on another number of ranks)."""
 
 from __future__ import annotations
 
@@ -144,6 +145,8 @@ def test_bad_requests_are_refused(store, tmp_path):
         ActivationLoader(store, batch_size=10**7)
     with pytest.raises(SaescopeError, match="rank"):
         ActivationLoader(store, rank=2, world_size=2)
+    with pytest.raises(SaescopeError, match="smaller than the 4 data ranks"):
+        ActivationLoader(store, batch_size=3, rank=0, world_size=4)
     with pytest.raises(SaescopeError, match="no activation store"):
         ActivationLoader(tmp_path / "nothing")
     from saescope.store import StoreWriter
@@ -162,3 +165,86 @@ def test_a_new_iterator_supersedes_the_old_one_and_continues_the_stream(store, w
     assert all(torch.equal(a, b) for a, b in zip(first + rest, reference)) and len(first + rest) == len(reference)
     with pytest.raises(RuntimeError, match="superseded"):
         next(old)
+
+
+# ---------------------------------------------------------------------- data-parallel shares of global batches
+def _ranks(store, world_size, **kw):
+    return [loader(store, rank=r, world_size=world_size, **kw) for r in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size,batch_size", [(2, 32), (3, 32), (4, 30)])
+def test_rank_shares_make_up_the_one_process_batches(store, want, world_size, batch_size):
+    """Step t of every rank, together, is one process's batch t (the same rows; 32 over 3 ranks: 10/11/11)."""
+    kw = {"seed": 4, "epochs": 2, "batch_size": batch_size, "shuffle_buffer": 100}
+    whole = collect(loader(store, **kw))
+    shares = [collect(ld) for ld in _ranks(store, world_size, **kw)]
+    assert all(len(s) == len(whole) for s in shares) and len(whole) == 2 * (want["token_ids"].shape[0] // batch_size)
+    for t, batch in enumerate(whole):
+        parts = [s[t] for s in shares]
+        assert [len(p["rows"]) for p in parts] == [(r + 1) * batch_size // world_size - r * batch_size // world_size
+                                                  for r in range(world_size)]
+        assert torch.equal(torch.cat([p["rows"] for p in parts]).sort().values, batch["rows"].sort().values)
+        for part in parts:
+            for site in SITES:
+                assert torch.equal(part[site], want[site][part["rows"]].float())
+
+
+@pytest.mark.parametrize("before,after,stop", [(1, 3, 7), (2, 1, 40), (4, 2, 12)])
+def test_a_position_resumes_on_another_number_of_ranks(store, before, after, stop):
+    """The position is global: a state taken on `before` ranks continues on `after` ranks with the next global
+    batch, across the epoch boundary, no row skipped or repeated."""
+    kw = {"seed": 9, "epochs": 2, "shuffle_buffer": 100}
+    whole = collect(loader(store, **kw))
+    first = _ranks(store, before, **kw)
+    for ld in first:
+        collect(ld, limit=stop)
+    states = [ld.state_dict() for ld in first]
+    assert all(s == states[0] for s in states)
+    assert states[0]["epoch"] * first[0].batches_per_epoch + states[0]["batch"] == stop
+    second = _ranks(store, after, **kw)
+    for ld in second:
+        ld.load_state_dict(states[0])
+    rest = [collect(ld) for ld in second]
+    assert all(len(r) == len(whole) - stop for r in rest)
+    for t, batch in enumerate(whole[stop:]):
+        assert torch.equal(torch.cat([r[t]["rows"] for r in rest]).sort().values, batch["rows"].sort().values)
+
+
+def test_each_rank_reads_about_its_share(store, monkeypatch):
+    """A rank reads one span of each shuffle block, not the whole block: over 4 ranks about 1.3× the rows one
+    process reads (not 4×), and each rank's read buffers hold about a quarter of a block."""
+    import saescope.store.loader as loader_module
+
+    counts = []
+    real = loader_module.read_rows_into
+
+    def counting(handle, layout, start, stop, out):
+        if out.dim() == 2 and out.shape[1] == SITES["resid_post/layer_1"]:
+            counts[-1] += stop - start
+        return real(handle, layout, start, stop, out)
+
+    monkeypatch.setattr(loader_module, "read_rows_into", counting)
+    kw = {"seed": 2, "epochs": 1, "batch_size": 128, "shuffle_buffer": 1024, "with_tokens": False}
+    one = loader(store, **kw)
+    counts.append(0)
+    collect(one)
+    spans = []
+    for ld in _ranks(store, 4, **kw):
+        counts.append(0)
+        collect(ld)
+        spans.append(max(b["resid_post/layer_1"].shape[0] for b in ld._buffers))
+    assert counts[0] == one.batches_per_epoch * 128       # one process: exactly the rows it yields
+    assert sum(counts[1:]) < 1.5 * counts[0]
+    assert max(spans) < 0.5 * one.block_rows
+
+
+def test_old_one_process_positions_resume_only_where_the_order_is_unchanged(store):
+    ld = loader(store, seed=1, shuffle_buffer=320)         # 320 = 10 batches: the old and new blocks agree
+    old = {k: v for k, v in ld.state_dict().items() if k != "order"} | {"rank": 0, "world_size": 1, "batch": 3}
+    ld.load_state_dict(old)
+    assert ld.state_dict()["batch"] == 3
+    with pytest.raises(SaescopeError, match="older saescope"):
+        ld.load_state_dict(old | {"world_size": 2})
+    other = loader(store, seed=1)                          # shuffle_buffer 300: old blocks of 300, new of 288
+    with pytest.raises(SaescopeError, match="older saescope"):
+        other.load_state_dict({k: v for k, v in other.state_dict().items() if k != "order"})

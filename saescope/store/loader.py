@@ -1,15 +1,23 @@
 """Stream shuffled batches from an activation store with bounded memory (Gemma Scope §3: activations are
 generated once, stored, shuffled and read by many SAEs).
 
-How one epoch is ordered (all of it a pure function of ``seed``, the epoch and the store, so any position can
-be recomputed and resumed exactly):
+How one epoch is ordered (all of it a pure function of ``seed``, the epoch and the store — never of the number
+of processes — so any position can be recomputed and resumed exactly, on any number of ranks):
 
 1. Every shard is cut into *pieces* of ``read_rows`` consecutive rows; the pieces of all shards are permuted
    (so both the shard order and the place inside each shard are random).
-2. The permuted pieces form one virtual sequence of all ``N`` rows. Rank ``r`` of ``world_size`` takes the
-   contiguous range ``[r·N // W, (r+1)·N // W)``: disjoint streams that together cover every row once.
-3. A rank's range is read in blocks of ``shuffle_buffer`` rows (the shuffle buffer: the only large memory);
-   each block is permuted and batches of ``batch_size`` rows are cut from the concatenated blocks.
+2. The permuted pieces form one virtual sequence of all ``N`` rows, cut into blocks of ``shuffle_buffer`` rows
+   rounded down to a whole number of batches (at least one batch): the shuffle block. Each block is permuted
+   and cut into the global batches of ``batch_size`` rows, so no batch spans two blocks.
+3. Data parallel (``world_size`` ranks): every rank computes the same global batches; rank ``r`` takes the rows
+   of each global batch whose place in the store order (the block's virtual sequence) is
+   ``[r·B // W, (r+1)·B // W)`` among the batch's ``B`` rows. So the ranks' rows of step ``t`` are, together,
+   exactly one process's batch ``t``, and a rank needs only about ``1/W`` of each block: it reads the one
+   contiguous span of the block that holds its rows (plus the few rows of its neighbours mixed in at the
+   span's edges), not the whole block.
+
+The position (:meth:`ActivationLoader.state_dict`) is the global batch count, the same on every rank, so a run
+resumed on another number of ranks continues the same sequence of global batches.
 
 All sites of a store share shard boundaries, so the same rows are read for every requested site: a
 transcoder gets ``mlp_in`` and ``mlp_out`` of the same tokens in the same batch positions (lockstep).
@@ -48,13 +56,19 @@ def verify_store(path: str | Path) -> StoreIndex:
 
 
 class ActivationLoader:
-    """Iterate ``{site_id: Tensor[batch_size, d] float32}`` batches, shuffled, deterministic per ``seed``.
+    """Iterate ``{site_id: Tensor[rows, d] float32}`` batches, shuffled, deterministic per ``seed``.
 
-    ``epochs=None`` repeats forever. ``with_tokens=True`` adds ``token_ids``, ``document_ids``, ``positions``
-    and ``rows`` (the global row number in the store) to each batch. :meth:`state_dict` /
-    :meth:`load_state_dict` resume mid-epoch with exactly the batches an uninterrupted run would give.
-    With ``drop_last`` (the default) every rank yields the same number of full batches per epoch.
+    ``batch_size`` is the *global* batch: with ``world_size`` ranks, rank ``rank`` yields its
+    ``[rank·B // W, (rank+1)·B // W)`` share of every global batch (see the module docstring), and the ranks'
+    shares of step ``t`` together are the one-process batch ``t``. ``epochs=None`` repeats forever.
+    ``with_tokens=True`` adds ``token_ids``, ``document_ids``, ``positions`` and ``rows`` (the global row number
+    in the store) to each batch. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch, on any number
+    of ranks, with exactly the batches an uninterrupted run would give. ``drop_last`` (the default) drops the
+    epoch's last incomplete global batch.
     """
+
+    ORDER = 2
+    """Version of the row order (1: each rank read its own range of the store; 2: shares of global batches)."""
 
     def __init__(
         self,
@@ -96,6 +110,9 @@ class ActivationLoader:
                 raise SaescopeError(f"{name} must be at least 1, got {value}")
         if not 0 <= rank < world_size:
             raise SaescopeError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if batch_size < world_size:
+            raise SaescopeError(f"batch_size {batch_size} (global rows per step) is smaller than the {world_size} "
+                                "data ranks sharing it; use a larger batch or fewer processes")
         if epochs is not None and epochs < 1:
             raise SaescopeError(f"epochs must be at least 1 (or None for no limit), got {epochs}")
         self.sites = sites
@@ -121,8 +138,8 @@ class ActivationLoader:
         self._reader: _Prefetcher | None = None
         if self.batches_per_epoch == 0:
             raise SaescopeError(
-                f"the store has {self.rows} rows, too few for one batch of {self.batch_size} per rank "
-                f"with world_size {self.world_size}; use a smaller batch size or cache more tokens")
+                f"the store has {self.rows} rows, too few for one batch of {self.batch_size}; "
+                "use a smaller batch size or cache more tokens")
 
     # -- facts about the store ---------------------------------------------------------------------------
     def norm_scale(self, site_id: str) -> float:
@@ -135,28 +152,41 @@ class ActivationLoader:
         return self.index.sites[site_id].d
 
     @property
-    def rank_rows(self) -> tuple[int, int]:
-        """This rank's ``[lo, hi)`` range of the epoch's virtual (permuted) row sequence."""
-        return self.rank * self.rows // self.world_size, (self.rank + 1) * self.rows // self.world_size
+    def block_rows(self) -> int:
+        """Rows of one shuffle block: ``shuffle_buffer`` rounded down to whole global batches (at least one)."""
+        return max(1, self.shuffle_buffer // self.batch_size) * self.batch_size
 
     @property
     def batches_per_epoch(self) -> int:
+        """Global batches per epoch (the same on every rank)."""
         if self.drop_last:
-            return (self.rows // self.world_size) // self.batch_size
-        lo, hi = self.rank_rows
-        return -(-(hi - lo) // self.batch_size)
+            return self.rows // self.batch_size
+        return -(-self.rows // self.batch_size)
 
     # -- resume ------------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         return {"rows": self.rows, "sites": list(self.sites), "batch_size": self.batch_size, "seed": self.seed,
-                "shuffle_buffer": self.shuffle_buffer, "read_rows": self.read_rows, "rank": self.rank,
-                "world_size": self.world_size, "drop_last": self.drop_last}
+                "shuffle_buffer": self.shuffle_buffer, "read_rows": self.read_rows, "drop_last": self.drop_last,
+                "order": self.ORDER}
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream is: epoch and batches already yielded in it, plus the settings that define it."""
+        """Where the stream is: epoch and global batches already yielded in it, plus the settings that define
+        it. The same on every rank: it does not depend on ``rank`` or ``world_size``."""
         return {"epoch": self._epoch, "batch": self._batch, **self._identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "order" not in state:
+            # saved before ORDER 2: one rank's stream of the same order iff it was one process and the old
+            # shuffle blocks (shuffle_buffer rows) are the new ones (whole batches)
+            if state.get("world_size", 1) != 1 or min(self.shuffle_buffer, self.rows) != min(self.block_rows,
+                                                                                           self.rows):
+                raise SaescopeError(
+                    "cannot resume the activation loader: the saved position was written by an older saescope "
+                    f"whose row order differs for these settings (world_size {state.get('world_size')}, "
+                    f"shuffle_buffer {state.get('shuffle_buffer')} not a multiple of batch_size "
+                    f"{state.get('batch_size')}); start a new run")
+            state["order"] = self.ORDER
         mine = self._identity()
         diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diff:
@@ -202,28 +232,57 @@ class ActivationLoader:
         return self._layouts[rel]
 
     def _buffer_sets(self, count: int) -> list[dict[str, torch.Tensor]]:
-        """``count`` shuffle buffers, allocated once and reused by every epoch (no fresh pages per block)."""
+        """``count`` read buffers, reused by every block and epoch (no fresh pages per block); each grows to the
+        largest span read into it (at most one shuffle block; about ``1/world_size`` of one for a rank)."""
         while len(self._buffers) < count:
-            self._buffers.append(self._new_buffers())
+            self._buffers.append({})
         return self._buffers[:count]
 
-    def _new_buffers(self) -> dict[str, torch.Tensor]:
-        """One shuffle buffer: ``shuffle_buffer`` rows of every site (and of the token columns)."""
-        n = min(self.shuffle_buffer, self.rows)
-        out = {site: torch.empty((n, self.d(site)), dtype=self._storage_dtype) for site in self.sites}
+    def _ensure_rows(self, buffers: dict[str, torch.Tensor], n: int) -> None:
+        """Grow ``buffers`` in place to hold ``n`` rows of every site (and of the token columns)."""
+        if buffers and next(iter(buffers.values())).shape[0] >= n:
+            return
+        buffers.clear()
+        buffers.update({site: torch.empty((n, self.d(site)), dtype=self._storage_dtype) for site in self.sites})
         if self.with_tokens:
-            out.update(token_ids=torch.empty(n, dtype=torch.int32), document_ids=torch.empty(n, dtype=torch.int64),
-                       positions=torch.empty(n, dtype=torch.int32))
-        return out
+            buffers.update(token_ids=torch.empty(n, dtype=torch.int32),
+                           document_ids=torch.empty(n, dtype=torch.int64), positions=torch.empty(n, dtype=torch.int32))
 
-    def _read_block(self, pieces, epoch: int, block: int, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Read block ``block`` of this rank's range into ``buffers``; return views plus its permutation."""
-        lo, hi = self.rank_rows
-        v0 = lo + block * self.shuffle_buffer
-        v1 = min(hi, v0 + self.shuffle_buffer)
+    def _share(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's rows of one global batch (block positions, kept in the batch's shuffled order): those whose
+        place among the batch's rows sorted by block position is in ``[r·m // W, (r+1)·m // W)``."""
+        if self.world_size == 1:
+            return rows
+        m = len(rows)
+        lo, hi = self.rank * m // self.world_size, (self.rank + 1) * m // self.world_size
+        mine = np.zeros(m, dtype=bool)
+        mine[np.argsort(rows, kind="stable")[lo:hi]] = True
+        return rows[mine]
+
+    def _plan_block(self, epoch: int, block: int, first: int, stop: int) -> tuple[int, int, list[np.ndarray]]:
+        """Global batches ``[first, stop)`` of the epoch, all in block ``block``: this rank's rows of each, as
+        positions in the span ``[lo, hi)`` of the block that holds them all."""
+        v0 = block * self.block_rows
+        n = min(self.rows, v0 + self.block_rows) - v0
+        perm = self._rng(epoch, 1, v0).permutation(n)
+        shares = []
+        for g in range(first, stop):
+            j = g * self.batch_size - v0
+            shares.append(self._share(perm[j:j + self.batch_size]))
+        used = [s for s in shares if len(s)]
+        lo = min(int(s.min()) for s in used) if used else 0
+        hi = max(int(s.max()) for s in used) + 1 if used else 0
+        return v0 + lo, v0 + hi, [s - lo for s in shares]
+
+    def _read_block(self, pieces, epoch: int, block: int, first: int, stop: int,
+                    buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Read this rank's span of block ``block`` (global batches ``[first, stop)``) into ``buffers``; return
+        views of it plus each batch's rows in it (``__shares__``)."""
+        v0, v1, shares = self._plan_block(epoch, block, first, stop)
         n = v1 - v0
+        self._ensure_rows(buffers, max(n, 1))
         segs = self._segments(pieces, v0, v1)
-        data = {key: buf[:n] for key, buf in buffers.items()}
+        data: dict[str, Any] = {key: buf[:n] for key, buf in buffers.items()}
         by_shard: dict[int, list[tuple[int, int, int]]] = {}
         pos = 0
         for k, a, b in segs:
@@ -242,8 +301,8 @@ class ActivationLoader:
                             read_rows_into(handle, layout[tname], a, b, t[p:p + b - a])
         if self.with_tokens:
             data["rows"] = torch.cat([torch.arange(int(self._shard_start[k]) + a, int(self._shard_start[k]) + b)
-                                      for k, a, b in segs])
-        data["__perm__"] = self._rng(epoch, 1, v0).permutation(n)
+                                      for k, a, b in segs] or [torch.zeros(0, dtype=torch.int64)])
+        data["__shares__"] = shares
         return data
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -253,53 +312,35 @@ class ActivationLoader:
             self._batch = 0
 
     def _iter_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        lo, hi = self.rank_rows
-        n_rank = hi - lo
         n_batches = self.batches_per_epoch
         if self._batch >= n_batches:
             return
         pieces = self._pieces(epoch)
-        n_blocks = -(-n_rank // self.shuffle_buffer)
-        pos = self._batch * self.batch_size
-        block_no = pos // self.shuffle_buffer
-        offset = pos - block_no * self.shuffle_buffer
+        per_block = self.block_rows // self.batch_size
+        plan = [(k, max(self._batch, k * per_block), min(n_batches, (k + 1) * per_block))
+                for k in range(self._batch // per_block, -(-n_batches // per_block))]
         if self._reader is not None:  # an earlier iterator of this loader: stop it, its buffers are reused
             self._reader.stop()
             self._reader.closed = True
-        reader = self._reader = _Prefetcher(self, pieces, epoch, block_no, n_blocks, self.prefetch)
+        reader = self._reader = _Prefetcher(self, pieces, epoch, plan, self.prefetch)
         extra = (*TOKEN_KEYS, "rows") if self.with_tokens else ()
         try:
-            block = reader.next()
-            while self._batch < n_batches:
-                if reader.closed:
-                    raise RuntimeError("this iterator of the ActivationLoader was superseded by a newer one "
-                                       "(they share the shuffle buffers); keep iterating the newest")
-                size_now = min(self.batch_size, n_rank - self._batch * self.batch_size)
-                parts = []
-                filled = 0
-                while filled < size_now:
-                    size = len(block["__perm__"])
-                    if offset == size:  # rows of the previous block are already copied out: reuse its buffer
-                        block, offset = reader.next(), 0
-                        continue
-                    take = min(size_now - filled, size - offset)
-                    idx = block["__perm__"][offset:offset + take]
-                    parts.append({key: _gather(block[key], idx) for key in (*self.sites, *extra)})
-                    offset += take
-                    filled += take
-                if len(parts) == 1:
-                    batch = parts[0]
-                else:
-                    batch = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-                for key in self.sites:
-                    if batch[key].dtype != torch.float32:
-                        batch[key] = batch[key].to(torch.float32)
-                for key in extra:
-                    batch[key] = batch[key].to(torch.int64)
-                if self.device is not None:
-                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                self._batch += 1
-                yield batch
+            for _ in plan:
+                block = reader.next()
+                for idx in block["__shares__"]:
+                    if reader.closed:
+                        raise RuntimeError("this iterator of the ActivationLoader was superseded by a newer one "
+                                           "(they share the read buffers); keep iterating the newest")
+                    batch = {key: _gather(block[key], idx) for key in (*self.sites, *extra)}
+                    for key in self.sites:
+                        if batch[key].dtype != torch.float32:
+                            batch[key] = batch[key].to(torch.float32)
+                    for key in extra:
+                        batch[key] = batch[key].to(torch.int64)
+                    if self.device is not None:
+                        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                    self._batch += 1
+                    yield batch
         finally:
             reader.stop()
             if self._reader is reader:
@@ -315,16 +356,17 @@ def _gather(source: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
 
 
 class _Prefetcher:
-    """Read the next shuffle block in a background thread while the current one is consumed.
+    """Read the next block's span in a background thread while the current one is consumed.
 
-    Two buffer sets are reused in turn (block ``k`` goes to set ``k % 2``): the consumer copies every row out
-    of a block before asking for the next one, so the set being refilled is never still in use. Peak memory
-    is therefore two shuffle buffers, whatever the size of the store."""
+    Two buffer sets are reused in turn (the ``k``-th block read goes to set ``k % 2``): the consumer copies
+    every batch out of a block before asking for the next one, so the set being refilled is never still in
+    use. Peak memory is therefore two spans (each at most one shuffle block), whatever the size of the store."""
 
-    def __init__(self, loader: ActivationLoader, pieces, epoch: int, first: int, n_blocks: int, enabled: bool):
-        self._loader, self._pieces, self._epoch = loader, pieces, epoch
-        self._next, self._n_blocks, self._enabled = first, n_blocks, enabled
-        self._sets = loader._buffer_sets(2 if enabled and n_blocks - first > 1 else 1)
+    def __init__(self, loader: ActivationLoader, pieces, epoch: int, plan: list[tuple[int, int, int]],
+                 enabled: bool):
+        self._loader, self._pieces, self._epoch, self._plan = loader, pieces, epoch, plan
+        self._next, self._enabled = 0, enabled
+        self._sets = loader._buffer_sets(2 if enabled and len(plan) > 1 else 1)
         self._thread: threading.Thread | None = None
         self._result: dict | None = None
         self._error: BaseException | None = None
@@ -332,27 +374,31 @@ class _Prefetcher:
         if enabled:
             self._start()
 
-    def _work(self, block: int) -> None:
+    def _read(self, i: int) -> dict[str, Any]:
+        block, first, stop = self._plan[i]
+        return self._loader._read_block(self._pieces, self._epoch, block, first, stop,
+                                        self._sets[i % len(self._sets)])
+
+    def _work(self, i: int) -> None:
         try:
-            buffers = self._sets[block % len(self._sets)]
-            self._result = self._loader._read_block(self._pieces, self._epoch, block, buffers)
+            self._result = self._read(i)
         except BaseException as exc:
             self._error = exc
 
     def _start(self) -> None:
-        if self._next >= self._n_blocks:
+        if self._next >= len(self._plan):
             return
         self._result, self._error = None, None
         self._thread = threading.Thread(target=self._work, args=(self._next,), daemon=True)
         self._thread.start()
         self._next += 1
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self) -> dict[str, Any]:
         if not self._enabled:  # read now, into the one buffer set (its previous block is fully consumed)
-            if self._next >= self._n_blocks:
+            if self._next >= len(self._plan):
                 raise RuntimeError("activation loader read past the end of its range")
             self._next += 1
-            return self._loader._read_block(self._pieces, self._epoch, self._next - 1, self._sets[0])
+            return self._read(self._next - 1)
         if self._thread is not None:
             self._thread.join()
             self._thread = None

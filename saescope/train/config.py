@@ -258,7 +258,7 @@ class TrainConfig(BaseModel):
                                     "in this many tokens (or since the start, if fewer were seen)")
     out_dir: Path = Field(Path("runs/train"), description="run folder: checkpoints/, suite/, metrics.jsonl")
     store: Path | None = Field(None, description="activation store folder (saescope train reads it)")
-    shuffle_buffer: int = Field(0, ge=0, description="activation-store shuffle buffer (0: its default)")
+    shuffle_buffer: int = Field(0, ge=0, description="activation-store shuffle block in rows (0: its default, 65536), rounded down to whole global batches; one order for any number of data ranks")
     model: str | None = Field(None, description="the language model name, stored in each SAE's config")
     tensorboard: bool = False
     wandb: bool = Field(False, description="log to Weights & Biases in offline mode")

@@ -81,6 +81,7 @@ class _Unit:
                  parallel: distributed.Parallel | None = None, target_norm_scale: float | None = None):
         self.spec = spec
         self.parallel = parallel
+        self.batch_tokens = 0             # rows of the last step's global batch
         site = Site.parse(spec.site)
         common = {"dtype": config.dtype, "device": config.device, "bandwidth": config.bandwidth,
                       "seed": spec_seed(config.seed, spec), "model": config.model, "site": site.kind, "layer": site.layer}
@@ -174,11 +175,13 @@ class _Unit:
             finally:
                 for p in m.parameters():
                     p.requires_grad_(False)
+        batch_tokens = x_raw.shape[0]
         if par is not None and par.data_shards > 1:   # data parallel: the global batch's mean gradient
-            result.grads = distributed.average_gradients(result.grads, par.data_group, par.data_shards)
+            result.grads, batch_tokens = distributed.average_gradients(result.grads, par.data_group, batch_tokens)
             with torch.no_grad():
                 target_rows = m.normalize_target(target_raw) if target_raw is not None else m.normalize(x_raw)
-            distributed.reduce_step_statistics(result, par.data_group, par.data_shards, target_rows)
+            distributed.reduce_step_statistics(result, par.data_group, x_raw.shape[0], target_rows)
+        self.batch_tokens = batch_tokens      # rows of the global batch (every data rank's)
         self.density = result.l0 / spec.width
         grads = dict(result.grads)
         with torch.no_grad():
@@ -193,7 +196,6 @@ class _Unit:
             else:
                 m.threshold.clamp_(min=0.0)
             normalize_rows(m.W_dec)
-        batch_tokens = x_raw.shape[0] * (par.data_shards if par is not None else 1)
         self.tokens_since_fired += batch_tokens
         self.tokens_since_fired[result.fired.cpu()] = 0
         w = self.window
@@ -372,11 +374,14 @@ class Trainer:
         meta = self._meta()
         meta["rng"] = ckpt.capture_rng(tensors)
         if hasattr(self.source, "state_dict"):
+            # the global data position: the same on every rank (the sources walk the same global batches)
             state = self._pending_state if self._pending_batch is not None else self.source.state_dict()
-            if par is not None:
-                states = distributed.all_gather_object(state)
-                meta["loader_ranks"] = [ckpt.split_state(states[d * par.latent_shards], f"loader_ranks/{d}", tensors)
-                                        for d in range(par.data_shards)]
+            if par is not None and par.data_shards > 1 and not all(
+                    _same_state(other, state) for other in distributed.all_gather_object(state)):
+                raise SaescopeError(
+                    "under data parallel every rank's batch source must report the same (global) position: give "
+                    "each rank its share of one global source (saescope.distributed.DataShard, or an "
+                    "ActivationLoader with rank/world_size), not a stream of its own")
             meta["loader"] = ckpt.split_state(state, "loader", tensors)
         else:
             meta["loader"] = None
@@ -435,13 +440,16 @@ class Trainer:
         self.tokens_seen = int(meta["tokens_seen"])
         ckpt.restore_rng(meta["rng"], tensors)
         loader_state = meta.get("loader")
-        saved_ranks = meta.get("loader_ranks") or [loader_state]
+        saved_ranks = [ckpt.join_state(state, tensors) for state in meta.get("loader_ranks") or []]
+        if any(state != saved_ranks[0] for state in saved_ranks):
+            raise ckpt.CheckpointError(
+                f"the checkpoint in {path} records one data position per rank (an older saescope, where each data "
+                "rank read its own stream); it cannot continue the same rows here; use a new out_dir")
         shards = self.parallel.data_shards if self.parallel is not None else 1
-        if len(saved_ranks) == shards:
-            loader_state = saved_ranks[self.parallel.data_rank if self.parallel is not None else 0]
-        elif loader_state is not None:      # another number of data ranks: see distributed.adapt_loader_state
-            loader_state = distributed.adapt_loader_state(ckpt.join_state(loader_state, tensors), self.source)
-            self._log_line(f"resuming on {shards} data rank(s) from a checkpoint of {len(saved_ranks)}")
+        saved_shards = int(meta.get("world_size", 1)) // int(meta.get("latent_shards", 1))
+        if saved_shards != shards:
+            self._log_line(f"resuming on {shards} data rank(s) from a checkpoint of {saved_shards}: the same "
+                           "global batches continue")
         self._iterator = None
         self._pending_batch = None
         if loader_state is not None and hasattr(self.source, "load_state_dict"):
@@ -595,9 +603,7 @@ class Trainer:
                 lr = learning_rate(self.step, config.lr, config.lr_warmup_steps, config.lr_warmup_start)
                 for unit in self.units:
                     unit.step(batch, self.step, config, lr)
-                batch_tokens = next(iter(batch.values())).shape[0]
-                if self.parallel is not None:
-                    batch_tokens *= self.parallel.data_shards
+                batch_tokens = self.units[0].batch_tokens     # the global batch's rows
                 self.step += 1
                 self.tokens_seen += batch_tokens
                 bar.update(batch_tokens)
@@ -779,6 +785,14 @@ def least_squares_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> 
     return torch.linalg.solve(gram, xc.T @ yc)
 
 
+def _same_state(a: Any, b: Any) -> bool:
+    """Whether two batch-source positions are equal (positions holding tensors are taken as equal)."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return True
+
+
 def train(config: TrainConfig, source: Iterable[dict[str, torch.Tensor]], norm_scales: dict[str, float],
           *, progress: bool = True) -> dict[str, Path]:
     """Train every SAE in ``config`` on ``source`` (resuming if ``out_dir`` holds a checkpoint); returns the
@@ -800,7 +814,7 @@ def train_from_store(config: TrainConfig, *, progress: bool = True) -> dict[str,
     kwargs: dict[str, Any] = {"seed": config.seed, "epochs": None}
     if config.shuffle_buffer:
         kwargs["shuffle_buffer"] = config.shuffle_buffer
-    # under torchrun: join the process group; each data rank reads its own disjoint stream (saescope.distributed)
+    # under torchrun: join the process group; each data rank reads its share of every global batch
     with distributed.process_group(config.device) as device:
         if device != config.device:
             config = config.model_copy(update={"device": device})
@@ -811,12 +825,8 @@ def _train_from_store(config: TrainConfig, kwargs: dict[str, Any], progress: boo
     from saescope.store.loader import ActivationLoader
 
     parallel = distributed.current(config.latent_shards)
-    batch_size = config.batch_size
+    batch_size = config.batch_size            # global rows per step: the loader gives each data rank its share
     if parallel is not None:
-        if batch_size % parallel.data_shards:
-            raise SaescopeError(f"batch_size {batch_size} (global tokens per step) does not split into "
-                                f"{parallel.data_shards} data ranks; make it a multiple of {parallel.data_shards}")
-        batch_size //= parallel.data_shards
         kwargs.update(rank=parallel.data_rank, world_size=parallel.data_shards)
     loader = ActivationLoader(config.store, config.sites, batch_size, **kwargs)
     norm_scales = {site: loader.norm_scale(site) for site in config.sites}
