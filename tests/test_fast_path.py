@@ -13,6 +13,7 @@ from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import sparse_kernels
 from saescope.train.fast_path import dense_training_step, sparse_training_step
+from tests.threshold_margins import clear_decision_edges
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
@@ -28,7 +29,8 @@ def step_path(request, monkeypatch):
 
 
 def _spread(module, x_raw, bandwidth, seed):
-    """Biases and thresholds random; then plant some pre-activations just inside the window on each side."""
+    """Biases and thresholds random; then plant some pre-activations just inside the window on each side; then
+    keep every pre-activation clear of θ and θ ± ε/2, so `fired` and the window agree on every CPU."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         module.b_enc.copy_(torch.randn(module.d_sae, generator=g, dtype=torch.float64).to(module.dtype) * 0.1)
@@ -44,6 +46,7 @@ def _spread(module, x_raw, bandwidth, seed):
             side = 0.25 if i % 2 else -0.25
             delta = module.threshold[i] + side * bandwidth - z[i % x_raw.shape[0], i]
             module.b_enc[i] += delta.to(module.b_enc.dtype)
+    clear_decision_edges(module, x_raw, bandwidth)
 
 
 def _pairs(module, x_raw, bandwidth):

@@ -15,6 +15,7 @@ from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import fast_path, sparse_kernels
 from saescope.train.decoder_norm import project_out_parallel_gradient
 from saescope.train.fast_path import dense_training_step, sparse_training_step
+from tests.threshold_margins import clear_decision_edges
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
@@ -54,6 +55,7 @@ def _module(dtype, apply_b_dec=True, transcoder=False, skip=False, seed=3, d_in=
         for i in range(0, d_sae, 4):
             side = 0.25 if i % 8 else -0.25
             module.b_enc[i] += (module.threshold[i] + side * bandwidth - z[i % batch, i]).to(dtype)
+    clear_decision_edges(module, x, bandwidth)      # `fired` and the window agree on every CPU
     return module, x, y
 
 

@@ -4,7 +4,12 @@ For every latent ``i`` of an SAE (``f = JumpReLU_θ(W_enc(x/C − b_dec) + b_enc
 keeps, from the store's rows in order:
 
 * the exact top-``k`` activations (ties broken by store order) with the latent's activation over a window
-  of ``context_before + 1 + context_after`` rows around each, so the dashboard can shade the context;
+  of ``context_before + 1 + context_after`` rows around each, so the dashboard can shade the context.
+  Tie rule: rows are ranked by their float32 activation as this pass computes it, descending; rows with
+  EXACTLY equal values rank by earlier store row. The float value itself depends on the summation order of
+  the encoder matmul (the ``block_rows`` blocking and the CPU's kernel: AVX2, AVX-512, ARM), so two rows
+  whose activations agree to rounding (~1e-6 relative) may swap ranks between block sizes or machines;
+  the selected values agree to rounding whatever the order;
 * a uniform random sample of ``n_samples`` firing rows (the rows with the smallest of a random key drawn
   per firing — a reservoir), from which contexts at each activation quantile are shown;
 * the firing count, the sum of activations, and a histogram of activations over fixed log-spaced bins.
