@@ -191,3 +191,84 @@ def test_bootstrap_rejects_bad_settings():
         bootstrap_delta_loss([1.0], [1.0, 2.0], [1, 1])
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_delta_loss([1.0], [2.0], [1], confidence=1.5)
+
+
+def test_loss_recovered_uses_exactly_the_zero_ablated_tokens():
+    g = torch.Generator().manual_seed(9)
+    acc = LossAccumulator()
+    c_all, s_all, m_all, zs = [], [], [], []
+    for i in range(4):
+        clean = torch.rand(3, 8, generator=g) + 2
+        spliced = clean + torch.rand(3, 8, generator=g) * (1 + i)   # later batches worse: a subset differs
+        zero = clean + 10 + torch.rand(3, 8, generator=g)
+        counted = torch.rand(3, 8, generator=g) > 0.2
+        acc.update(clean, spliced, counted, zero if i < 2 else None)
+        c_all.append(clean.numpy()), s_all.append(spliced.numpy()), m_all.append(counted.numpy())
+        if i < 2:
+            zs.append(zero.numpy())
+    r = acc.result(n_boot=10)
+    c, s, m = (np.concatenate(v).astype(np.float64) for v in (c_all, s_all, m_all))
+    m = m.astype(bool)
+    sub = np.zeros_like(m)
+    sub[:6] = m[:6]
+    z = np.concatenate(zs).astype(np.float64)
+    zl, cl, sl = z[m[:6]].mean(), c[sub].mean(), s[sub].mean()
+    assert r["zero_ablation_tokens"] == int(sub.sum())
+    assert r["zero_ablation_loss"] == pytest.approx(zl, rel=1e-9)
+    assert r["loss_recovered"] == pytest.approx((zl - sl) / (zl - cl), rel=1e-9)
+    assert r["delta_loss"] == pytest.approx(s[m].mean() - c[m].mean(), rel=1e-9)  # Δ loss: every token
+
+
+def test_suite_reports_windows_interval_principal_fvu_and_dense_share():
+    """Through evaluate_saes on a tiny Gemma 3: per-window Δ loss equals run_with_splice row by row, the
+    interval is the bootstrap of those windows, fvu_top/fvu_rest equal numpy projectors on the site's
+    activations, dense share comes from the firing frequencies, zero-ablation stops at its token cap."""
+    from test_metrics import _sae, _tiny_gemma3
+
+    from saescope.evaluate import EvalBatch, evaluate_saes
+    from saescope.sites import read_sites
+    from saescope.splice import run_with_splice
+
+    model = _tiny_gemma3()
+    sae = _sae(32, "resid_post", 1, 0, 0.05)
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, 211, (2, 12), generator=g)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        mask[:, 0] = False
+        batches.append(EvalBatch("shakespeare", ids, mask))
+    (r,) = evaluate_saes(model, {"res": sae}, batches, uniformity_tokens=0, progress=False,
+                         bootstrap_samples=400, confidence=0.9, bootstrap_seed=2, zero_ablation_tokens=25)
+    m = r["metrics"]
+    site = "resid_post/layer_1"
+    n_w, c_w, s_w, xs, xhs, fs = [], [], [], [], [], []
+    for b in batches:
+        c = run_with_splice(model, b.input_ids, None, None).loss_per_token.double().numpy()
+        s = run_with_splice(model, b.input_ids, site, sae.forward, splice_mask=b.mask).loss_per_token
+        s = s.double().numpy()
+        counted = b.mask[:, :-1].numpy()
+        for row in range(2):
+            n_w.append(int(counted[row].sum()))
+            c_w.append(c[row][counted[row]].sum())
+            s_w.append(s[row][counted[row]].sum())
+        x = read_sites(model, b.input_ids, [site])[site][b.mask]
+        with torch.no_grad():
+            f = sae.encode(x)
+            xs.append(x.double().numpy()), fs.append(f.double().numpy()), xhs.append(sae.decode(f).double().numpy())
+    n_w, c_w, s_w = np.array(n_w), np.array(c_w), np.array(s_w)
+    np.testing.assert_allclose(m["delta_loss_windows"]["delta_loss"], (s_w - c_w) / n_w, atol=1e-5)
+    assert m["delta_loss_windows"]["n_tokens"] == n_w.tolist()
+    lo, hi = _bootstrap_numpy((s_w - c_w).tolist(), n_w.tolist(), 400, 0.9, 2)
+    ci = m["delta_loss_ci"]
+    assert (ci["n_windows"], ci["n_tokens"], ci["confidence"]) == (6, int(n_w.sum()), 0.9)
+    assert ci["lower"] == pytest.approx(lo, abs=1e-5) and ci["upper"] == pytest.approx(hi, abs=1e-5)
+    assert ci["lower"] < m["delta_loss"] < ci["upper"]
+    x, xh, f = np.concatenate(xs), np.concatenate(xhs), np.concatenate(fs)
+    top, rest, share = _principal_numpy(x, xh, 1)
+    assert m["fvu_top"] == pytest.approx(top, rel=1e-4) and m["fvu_rest"] == pytest.approx(rest, rel=1e-4)
+    assert m["top_variance_share"] == pytest.approx(share, rel=1e-6)
+    freq = (f != 0).mean(0)
+    assert m["dense"] == int((freq > 0.1).sum()) > 0
+    assert m["dense_l0_share"] == pytest.approx(freq[freq > 0.1].sum() / (f != 0).sum(1).mean(), rel=1e-9)
+    assert m["zero_ablation_tokens"] == 2 * 20  # 20 counted tokens a batch: the second batch crosses 25

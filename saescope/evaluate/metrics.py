@@ -195,8 +195,11 @@ def density_summary(frequencies: torch.Tensor, *, bins: int = 30, low: float = -
 class LossAccumulator:
     """Clean, spliced and zero-ablated next-token losses over the same tokens, in total and per position.
 
-    ``update`` takes per-token cross-entropies ``[batch, seq-1]`` (position t predicts token t+1) and the
-    boolean ``counted [batch, seq-1]`` of the terms that count.
+    ``update`` takes per-token cross-entropies ``[batch, seq-1]`` (position t predicts token t+1; each row one
+    window) and the boolean ``counted [batch, seq-1]`` of the terms that count. ``zero`` may be given for
+    some batches only (the evaluator zero-ablates a capped number of tokens per site and domain: it is one
+    more spliced pass per site): loss recovered ``(L_zero − L_spliced) / (L_zero − L_clean)`` then uses the
+    clean, spliced and zero-ablated losses of exactly those tokens (``zero_ablation_tokens``).
     """
 
     n_positions: int = 0
@@ -205,6 +208,9 @@ class LossAccumulator:
     sum_spliced: float = 0.0
     sum_zero: float = 0.0
     has_zero: bool = False
+    n_zero: int = 0
+    sum_clean_zero: float = 0.0
+    sum_spliced_zero: float = 0.0
     pos_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     pos_clean: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     pos_spliced: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
@@ -230,9 +236,12 @@ class LossAccumulator:
         self.n += int(m.sum())
         self.sum_clean += float(c.sum())
         self.sum_spliced += float(s.sum())
-        if zero is not None:
+        if zero is not None:  # loss recovered is computed on the tokens that have a zero-ablation loss
             self.has_zero = True
             self.sum_zero += float((zero.to(torch.float64).cpu() * m).sum())
+            self.n_zero += int(m.sum())
+            self.sum_clean_zero += float(c.sum())
+            self.sum_spliced_zero += float(s.sum())
         self._grow(clean.shape[-1])
         length = clean.shape[-1]
         self.pos_count[:length] += m.sum(dim=0)
@@ -252,10 +261,12 @@ class LossAccumulator:
         clean, spliced = self.sum_clean / self.n, self.sum_spliced / self.n
         out: dict[str, Any] = {"loss_tokens": self.n, "clean_loss": clean, "spliced_loss": spliced,
                                "delta_loss": spliced - clean}
-        if self.has_zero:
-            zero = self.sum_zero / self.n
+        if self.has_zero and self.n_zero:
+            zero = self.sum_zero / self.n_zero
+            clean_z, spliced_z = self.sum_clean_zero / self.n_zero, self.sum_spliced_zero / self.n_zero
             out["zero_ablation_loss"] = zero
-            out["loss_recovered"] = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+            out["zero_ablation_tokens"] = self.n_zero
+            out["loss_recovered"] = (zero - spliced_z) / (zero - clean_z) if zero != clean_z else float("nan")
         out["delta_loss_by_position"] = delta_loss_by_position(
             self.pos_count, self.pos_clean, self.pos_spliced, bins=position_bins)
         if self.window_n:

@@ -47,6 +47,8 @@ class EvalConfig(BaseModel):
                                    "(windows resampled with replacement, clean and spliced paired)")
     confidence: float = Field(0.95, gt=0, lt=1, description="coverage of the Δ loss percentile interval")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap's generator (reproducible intervals)")
+    zero_ablation_tokens: int | None = Field(16384, gt=0, description="tokens per site and domain also run "
+                                             "zero-ablated, for loss recovered (None: all)")
     model: str | None = Field(None, description="language model; default: the one the SAEs name")
     dtype: str = "float32"
     device: str = "cpu"
@@ -162,7 +164,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, model
                                 progress=progress, total_batches=len(batches),
                                 principal_directions=config.principal_directions,
                                 bootstrap_samples=config.bootstrap_samples, confidence=config.confidence,
-                                bootstrap_seed=config.bootstrap_seed)
+                                bootstrap_seed=config.bootstrap_seed,
+                                zero_ablation_tokens=config.zero_ablation_tokens)
     seconds = time.perf_counter() - start
     return write_eval(results, run_dir / "eval", extra={
         "eval_config": config.model_dump(), "model": getattr(model, "name", None), "seconds": seconds,

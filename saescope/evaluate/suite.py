@@ -112,15 +112,21 @@ def evaluate_saes(
     bootstrap_samples: int = 2000,
     confidence: float = 0.95,
     bootstrap_seed: int = 0,
+    zero_ablation_tokens: int | None = 16384,
 ) -> list[dict[str, Any]]:
     """Evaluate every SAE of ``saes`` on ``batches``; returns one result dict per SAE (JSON-ready).
 
     ``saes`` maps names to SAE objects (``encode``/``decode``/``W_dec`` and ``config.site``/``layer``) or is
     a list of :class:`EvalTarget`. ``uniformity_tokens`` caps the tokens (per SAE) used for App. C.3
-    (it needs a backward pass); 0 turns it off. Latents are built ``token_chunk`` tokens at a time, so memory
+    (it needs a backward pass per batch); 0 turns it off. With ``total_batches`` known, the batches that
+    carry the gradient are spread evenly over the evaluation (every ``total_batches // needed``-th), so the
+    statistic samples every domain rather than the first windows. Latents are built ``token_chunk`` tokens at a time, so memory
     stays bounded for wide SAEs. ``principal_directions`` is k of ``fvu_top``/``fvu_rest`` (0: skip);
     ``bootstrap_samples``, ``confidence`` and ``bootstrap_seed`` set the paired bootstrap interval of Δ loss
     over windows (each row of a batch is one window; :func:`~saescope.evaluate.metrics.bootstrap_delta_loss`).
+    ``zero_ablation_tokens`` caps the tokens per site and domain that are also run zero-ablated (for loss
+    recovered; whole batches, from the first; None: every batch). Zero-ablation costs as much as one more SAE
+    per site, and its loss (~20 nats on Gemma 3) needs far fewer tokens than Δ loss to be known well.
     """
     if principal_directions < 0 or bootstrap_samples < 1 or not 0 < confidence < 1:
         raise SaescopeError(f"principal_directions must be ≥ 0 (got {principal_directions}), bootstrap_samples "
@@ -140,7 +146,9 @@ def evaluate_saes(
     device = next(lm.parameters()).device
     bar = tqdm(batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress)
     tokens_seen = 0
-    for batch in bar:
+    zero_seen: dict[tuple[str, str], int] = {}
+    uniformity_stride = 0  # set from the first batch: spread App. C.3's tokens over the whole evaluation
+    for batch_index, batch in enumerate(bar):
         ids = batch.input_ids.to(device)
         mask = batch.mask.to(device=device, dtype=torch.bool)
         if ids.shape != mask.shape or ids.dim() != 2 or ids.shape[1] < 2:
@@ -150,8 +158,16 @@ def evaluate_saes(
         if batch.attention_mask is not None:
             counted = counted & batch.attention_mask.to(device).bool()[:, 1:]
         cache: CleanPass = clean_pass(lm, ids, sites, attention_mask=batch.attention_mask, chunk_size=chunk_size)
-        zero = {s.id: spliced_losses(cache, s, torch.zeros_like(cache.sites[s.id]), mask) for s in write_sites}
+        zero = {s.id: spliced_losses(cache, s, torch.zeros_like(cache.sites[s.id]), mask) for s in write_sites
+                if zero_ablation_tokens is None or zero_seen.get((s.id, batch.domain), 0) < zero_ablation_tokens}
+        for site_id in zero:
+            zero_seen[(site_id, batch.domain)] = zero_seen.get((site_id, batch.domain), 0) + int(counted.sum())
         gradients: dict[str, torch.Tensor] = {}
+        if not uniformity_stride:
+            per_batch = max(1, int(counted.sum()))
+            needed = -(-uniformity_tokens // per_batch) if uniformity_tokens > 0 else 1
+            uniformity_stride = max(1, (total_batches or 0) // max(1, needed))
+        uniformity_batch = batch_index % uniformity_stride == 0
         for t in targets:
             state = states[t.name]
             x_in = cache.sites[t.read_site.id]
@@ -170,8 +186,8 @@ def evaluate_saes(
             spliced = spliced_losses(cache, t.write_site, full, mask)
             for key in ("all", batch.domain):
                 state.loss.setdefault(key, LossAccumulator()).update(
-                    cache.clean_loss, spliced, counted, zero[t.write_site.id])
-            if uniformity_left[t.name] > 0:
+                    cache.clean_loss, spliced, counted, zero.get(t.write_site.id))
+            if uniformity_left[t.name] > 0 and uniformity_batch:
                 if t.write_site.id not in gradients:
                     gradients[t.write_site.id] = mean_centered_logit_gradient(cache, t.write_site, counted)
                 grad = gradients[t.write_site.id]
