@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -327,27 +328,46 @@ def steer(
     typer.echo(format_side_by_side(result, latent, coefficient))
 
 
+def _eval_default(name: str) -> Any:
+    from saescope.evaluate.run import EvalConfig
+
+    return EvalConfig.model_fields[name].get_default(call_default_factory=True)
+
+
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="run directory with suite/ (from saescope train)"),
     model: str | None = typer.Option(None, help="model (default: the one the SAEs name)"),
-    domains: list[str] = typer.Option(["shakespeare", "python"], "--domain",
+    domains: list[str] = typer.Option(_eval_default("domains"), "--domain",
                                       help="held-out text domain (repeat): shakespeare, python, file:PATH, hf:NAME"),
-    held_out_fraction: float = typer.Option(0.1, help="fraction of documents held out (as when caching)"),
-    context_len: int = typer.Option(1024, help="tokens per window, BOS first (Gemma Scope: 1024)"),
-    windows: int = typer.Option(8, help="held-out windows per domain"),
-    batch_size: int = typer.Option(2, help="windows per forward pass"),
-    uniformity_tokens: int = typer.Option(2048, help="tokens per SAE for App. C.3 uniformity (0: skip)"),
+    held_out_fraction: float = typer.Option(_eval_default("held_out_fraction"),
+                                            help="fraction of documents held out (as when caching)"),
+    context_len: int = typer.Option(_eval_default("context_len"), help="tokens per window, BOS first (Gemma Scope: 1024)"),
+    windows: int = typer.Option(_eval_default("windows_per_domain"), help="held-out windows per domain"),
+    batch_size: int = typer.Option(_eval_default("batch_size"), help="windows per forward pass"),
+    uniformity_tokens: int = typer.Option(_eval_default("uniformity_tokens"),
+                                          help="tokens per SAE for App. C.3 uniformity (0: skip)"),
+    principal_directions: int = typer.Option(_eval_default("principal_directions"),
+                                             help="k of fvu_top/fvu_rest: FVU along the site's top-k principal "
+                                                  "directions and on the rest (0: skip)"),
+    bootstrap_samples: int = typer.Option(_eval_default("bootstrap_samples"),
+                                          help="bootstrap replicates of the Δ loss interval (over windows)"),
+    confidence: float = typer.Option(_eval_default("confidence"), help="coverage of the Δ loss interval"),
+    bootstrap_seed: int = typer.Option(_eval_default("bootstrap_seed"), help="seed of the bootstrap"),
     device: str = typer.Option("cpu", help="device"),
 ) -> None:
-    """Evaluate every SAE of a run on held-out text: L0, FVU, MSE, cosine, Δ LM loss (whole, by position,
-    per domain), loss recovered, latent density, uniformity (App. C.3). Writes RUN_DIR/eval/table.json."""
+    """Evaluate every SAE of a run on held-out text: L0, FVU (whole, along the top principal directions and on
+    the rest), MSE, cosine, Δ LM loss with a bootstrap interval over windows (whole, by position, per domain),
+    loss recovered, dead and dense latents (and the dense latents' share of L0), uniformity (App. C.3).
+    Writes RUN_DIR/eval/table.json."""
     from saescope.evaluate.run import EvalConfig, evaluate_run
 
     try:
         config = EvalConfig(domains=domains, held_out_fraction=held_out_fraction, context_len=context_len,
                             windows_per_domain=windows, batch_size=batch_size,
-                            uniformity_tokens=uniformity_tokens, model=model, device=device)
+                            uniformity_tokens=uniformity_tokens, principal_directions=principal_directions,
+                            bootstrap_samples=bootstrap_samples, confidence=confidence,
+                            bootstrap_seed=bootstrap_seed, model=model, device=device)
     except ValueError as exc:
         fail(str(exc))
     try:
@@ -355,11 +375,27 @@ def evaluate(
     except SaescopeError as exc:
         fail(str(exc))
     table = json.loads(path.read_text())
-    typer.echo(f"{'sae':<52} {'L0':>8} {'FVU':>8} {'Δ loss':>8}")
-    for row in table["rows"]:
-        cells = [row.get(k) for k in ("l0", "fvu", "delta_loss")]
-        typer.echo(f"{row['name']:<52} " + " ".join(f"{c:8.4g}" if c is not None else f"{'-':>8}" for c in cells))
+    typer.echo(format_eval_table(table["rows"], confidence))
     typer.echo(f"wrote {path}")
+
+
+def format_eval_table(rows: list[dict[str, Any]], confidence: float = 0.95) -> str:
+    """The `saescope evaluate` printout: one line per SAE with L0, FVU (all / top direction(s) / rest),
+    dense latents and their share of L0, Δ loss and its interval."""
+    def num(value: Any, fmt: str, width: int) -> str:
+        return f"{value:{width}{fmt}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+    ci = f"{confidence:.0%} interval"
+    lines = [f"{'sae':<40} {'L0':>7} {'FVU':>7} {'FVU_top':>8} {'FVU_rest':>8} {'dense':>6} {'dense/L0':>8} "
+             f"{'Δ loss':>7}  {ci:<17} {'windows':>7}"]
+    for row in rows:
+        lo, hi = row.get("delta_loss_lower"), row.get("delta_loss_upper")
+        interval = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "-"
+        lines.append(f"{row['name']:<40} {num(row.get('l0'), '.4g', 7)} {num(row.get('fvu'), '.4f', 7)} "
+                     f"{num(row.get('fvu_top'), '.4f', 8)} {num(row.get('fvu_rest'), '.4f', 8)} "
+                     f"{num(row.get('dense'), 'd', 6)} {num(row.get('dense_l0_share'), '.1%', 8)} "
+                     f"{num(row.get('delta_loss'), '.4f', 7)}  {interval:<17} {num(row.get('n_windows'), 'd', 7)}")
+    return "\n".join(lines)
 
 
 @app.command()

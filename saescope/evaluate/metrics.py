@@ -10,8 +10,17 @@ same answer as one pass over all tokens (up to rounding):
 - Δ LM loss: mean next-token cross-entropy with the reconstruction spliced in minus the clean model's,
   over the same tokens (§4.1); loss recovered ``(L_zero − L_spliced) / (L_zero − L_clean)`` against
   zero-ablating the site; Δ loss by sequence position (App. C.2, Fig. 15).
+- FVU along the top principal directions and on the rest (issue 17; docs/evaluation.md): with C the
+  covariance of the evaluation targets around their mean and P_top the projector onto its top-k
+  eigenvectors, ``fvu_top = Σ‖P_top(x − x̂)‖² / Σ‖P_top(x − x̄)‖²`` and ``fvu_rest`` the same with
+  ``I − P_top``. Accumulated exactly from the float64 second moments ``Σ x xᵀ`` and ``Σ e eᵀ`` (e = x − x̂),
+  so the directions come from all evaluation tokens and no second pass is needed. ``FVU = s · fvu_top +
+  (1 − s) · fvu_rest`` with ``s = top_variance_share``, the share of the variance along P_top.
 - Latent firing frequencies (§4.2, Fig. 4): per latent, the fraction of tokens where it is active; dead
-  latents never fire, dense latents fire on more than 10% of tokens.
+  latents never fire, dense latents fire on more than 10% of tokens. Since ``L0 = Σ_i freq_i``, the
+  dense latents' share of L0 is ``Σ_{dense} freq_i / Σ_i freq_i``.
+- A percentile bootstrap interval of Δ LM loss over windows (sequences): windows are resampled with
+  replacement, clean and spliced losses of a window together (paired), :func:`bootstrap_delta_loss`.
 - Uniformity of active latent importance (App. C.3 / D.5 of arXiv 2408.05147v2): with the
   attribution-weighted latent activations ``y = f(x) ⊙ W_dec ∇_x 𝓛`` (𝓛 the mean-centred logit of the
   correct next token), ``p = |y| / Σ|y|`` over active latents, ``D_KL(p‖u) = log‖y‖₀ − S(p)`` and
@@ -22,9 +31,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 DENSE_FREQUENCY = 0.1
@@ -74,6 +85,9 @@ class ReconstructionAccumulator:
     sum_cosine: float = 0.0
     d_out: int = 0
     fire_counts: torch.Tensor | None = None
+    principal_directions: int = 1
+    sum_xxT: torch.Tensor | None = None
+    sum_eeT: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
         """Add tokens: targets ``x [n, d]``, reconstructions ``x_hat [n, d]``, latents ``f [n, d_sae]``."""
@@ -94,6 +108,13 @@ class ReconstructionAccumulator:
         self.sum_squared_error += float(((x64 - xh64) ** 2).sum())
         self.sum_x += x64.sum(dim=0)
         self.sum_squared_norm += float((x64 ** 2).sum())
+        if self.principal_directions > 0:
+            e64 = x64 - xh64
+            if self.sum_xxT is None:
+                self.sum_xxT = torch.zeros(self.d_out, self.d_out, dtype=torch.float64, device=x.device)
+                self.sum_eeT = torch.zeros_like(self.sum_xxT)
+            self.sum_xxT.addmm_(x64.T, x64)
+            self.sum_eeT.addmm_(e64.T, e64)
         cos = torch.nn.functional.cosine_similarity(x64, xh64, dim=-1, eps=1e-12)
         self.sum_cosine += float(cos.sum())
 
@@ -104,7 +125,7 @@ class ReconstructionAccumulator:
         mean = self.sum_x / n
         total_variance = self.sum_squared_norm - n * float((mean ** 2).sum())
         freq = (self.fire_counts.to(torch.float64) / n).cpu()
-        return {
+        out = {
             "n_tokens": n,
             "l0": self.sum_l0 / n,
             "fvu": self.sum_squared_error / total_variance if total_variance > 0 else float("nan"),
@@ -113,6 +134,38 @@ class ReconstructionAccumulator:
             **density_summary(freq),
             "_frequencies": freq,
         }
+        if self.principal_directions > 0 and self.sum_xxT is not None:
+            out.update(principal_fvu(self.sum_xxT, self.sum_x, n, self.sum_eeT, self.principal_directions))
+        return out
+
+
+def principal_fvu(sum_xxT: torch.Tensor, sum_x: torch.Tensor, n: int, sum_eeT: torch.Tensor,
+                  k: int) -> dict[str, Any]:
+    """FVU along the top-``k`` principal directions of the targets and on the rest, from float64 sums.
+
+    ``C = Σ x xᵀ − n x̄ x̄ᵀ`` (the scatter of the targets around their mean); ``U`` its top-``k``
+    eigenvectors (largest eigenvalues ``λ_1..λ_k``); ``E = Σ e eᵀ`` with ``e = x − x̂``. Then
+    ``Σ‖P_top e‖² = tr(Uᵀ E U)``, ``Σ‖P_top(x − x̄)‖² = λ_1 + … + λ_k``, and the rest is the trace minus
+    those: ``fvu_top = tr(Uᵀ E U) / Σλ_top``, ``fvu_rest = (tr E − tr(Uᵀ E U)) / (tr C − Σλ_top)``.
+    ``top_variance_share = Σλ_top / tr C``.
+    """
+    mean = sum_x / n
+    scatter = sum_xxT - n * torch.outer(mean, mean)
+    scatter = (scatter + scatter.T) / 2
+    k = min(k, scatter.shape[0])
+    eigenvalues, eigenvectors = torch.linalg.eigh(scatter)  # ascending
+    u = eigenvectors[:, -k:]
+    top_var = float(eigenvalues[-k:].sum())
+    total_var = float(torch.diagonal(scatter).sum())
+    top_err = float(torch.einsum("ij,ik,kj->", u, sum_eeT, u))
+    total_err = float(torch.diagonal(sum_eeT).sum())
+    rest_var = total_var - top_var
+    return {
+        "principal_directions": k,
+        "top_variance_share": top_var / total_var if total_var > 0 else float("nan"),
+        "fvu_top": top_err / top_var if top_var > 0 else float("nan"),
+        "fvu_rest": (total_err - top_err) / rest_var if rest_var > 0 else float("nan"),
+    }
 
 
 def density_summary(frequencies: torch.Tensor, *, bins: int = 30, low: float = -8.0) -> dict[str, Any]:
@@ -132,6 +185,8 @@ def density_summary(frequencies: torch.Tensor, *, bins: int = 30, low: float = -
         "dense": int((freq > DENSE_FREQUENCY).sum()),
         "dead_fraction": float((freq == 0).double().mean()),
         "dense_fraction": float((freq > DENSE_FREQUENCY).double().mean()),
+        "dense_l0_share": (float(freq[freq > DENSE_FREQUENCY].sum() / freq.sum()) if float(freq.sum()) > 0
+                           else float("nan")),
         "log10_frequency_histogram": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]},
     }
 
@@ -140,8 +195,11 @@ def density_summary(frequencies: torch.Tensor, *, bins: int = 30, low: float = -
 class LossAccumulator:
     """Clean, spliced and zero-ablated next-token losses over the same tokens, in total and per position.
 
-    ``update`` takes per-token cross-entropies ``[batch, seq-1]`` (position t predicts token t+1) and the
-    boolean ``counted [batch, seq-1]`` of the terms that count.
+    ``update`` takes per-token cross-entropies ``[batch, seq-1]`` (position t predicts token t+1; each row one
+    window) and the boolean ``counted [batch, seq-1]`` of the terms that count. ``zero`` may be given for
+    some batches only (the evaluator zero-ablates a capped number of tokens per site and domain: it is one
+    more spliced pass per site): loss recovered ``(L_zero − L_spliced) / (L_zero − L_clean)`` then uses the
+    clean, spliced and zero-ablated losses of exactly those tokens (``zero_ablation_tokens``).
     """
 
     n_positions: int = 0
@@ -150,9 +208,15 @@ class LossAccumulator:
     sum_spliced: float = 0.0
     sum_zero: float = 0.0
     has_zero: bool = False
+    n_zero: int = 0
+    sum_clean_zero: float = 0.0
+    sum_spliced_zero: float = 0.0
     pos_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     pos_clean: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     pos_spliced: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    window_n: list[int] = field(default_factory=list)
+    window_clean: list[float] = field(default_factory=list)
+    window_spliced: list[float] = field(default_factory=list)
 
     def _grow(self, length: int) -> None:
         if length > self.pos_count.numel():
@@ -172,28 +236,84 @@ class LossAccumulator:
         self.n += int(m.sum())
         self.sum_clean += float(c.sum())
         self.sum_spliced += float(s.sum())
-        if zero is not None:
+        if zero is not None:  # loss recovered is computed on the tokens that have a zero-ablation loss
             self.has_zero = True
             self.sum_zero += float((zero.to(torch.float64).cpu() * m).sum())
+            self.n_zero += int(m.sum())
+            self.sum_clean_zero += float(c.sum())
+            self.sum_spliced_zero += float(s.sum())
         self._grow(clean.shape[-1])
         length = clean.shape[-1]
         self.pos_count[:length] += m.sum(dim=0)
         self.pos_clean[:length] += c.sum(dim=0)
         self.pos_spliced[:length] += s.sum(dim=0)
+        if clean.dim() == 2:  # rows are windows: keep their sums for the bootstrap over windows
+            for n_w, c_w, s_w in zip(m.sum(dim=1).tolist(), c.sum(dim=1).tolist(), s.sum(dim=1).tolist()):
+                if n_w > 0:
+                    self.window_n.append(int(n_w))
+                    self.window_clean.append(c_w)
+                    self.window_spliced.append(s_w)
 
-    def result(self, *, position_bins: int = 32) -> dict[str, Any]:
+    def result(self, *, position_bins: int = 32, n_boot: int = 2000, confidence: float = 0.95,
+               seed: int = 0) -> dict[str, Any]:
         if self.n == 0:
             raise ValueError("no loss terms were counted (all positions masked?)")
         clean, spliced = self.sum_clean / self.n, self.sum_spliced / self.n
         out: dict[str, Any] = {"loss_tokens": self.n, "clean_loss": clean, "spliced_loss": spliced,
                                "delta_loss": spliced - clean}
-        if self.has_zero:
-            zero = self.sum_zero / self.n
+        if self.has_zero and self.n_zero:
+            zero = self.sum_zero / self.n_zero
+            clean_z, spliced_z = self.sum_clean_zero / self.n_zero, self.sum_spliced_zero / self.n_zero
             out["zero_ablation_loss"] = zero
-            out["loss_recovered"] = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+            out["zero_ablation_tokens"] = self.n_zero
+            out["loss_recovered"] = (zero - spliced_z) / (zero - clean_z) if zero != clean_z else float("nan")
         out["delta_loss_by_position"] = delta_loss_by_position(
             self.pos_count, self.pos_clean, self.pos_spliced, bins=position_bins)
+        if self.window_n:
+            ci = bootstrap_delta_loss(self.window_clean, self.window_spliced, self.window_n, n_boot=n_boot,
+                                      confidence=confidence, seed=seed)
+            out["delta_loss_ci"] = ci
+            out["delta_loss_windows"] = {
+                "n_tokens": list(self.window_n),
+                "delta_loss": [(s_w - c_w) / n_w for n_w, c_w, s_w in
+                               zip(self.window_n, self.window_clean, self.window_spliced)]}
         return out
+
+
+def bootstrap_delta_loss(clean_sums: Sequence[float], spliced_sums: Sequence[float], counts: Sequence[int], *,
+                         n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+                         block: int = 256) -> dict[str, Any]:
+    """Percentile bootstrap interval of Δ LM loss over windows (sequences), paired.
+
+    Window w has ``counts[w]`` counted tokens whose clean and spliced cross-entropies sum to
+    ``clean_sums[w]`` and ``spliced_sums[w]``. Δ loss is the token-weighted ratio
+    ``Σ_w (S_w − C_w) / Σ_w n_w`` (the same number as the mean over all tokens). Each of ``n_boot``
+    replicates draws W windows with replacement (``numpy.random.default_rng(seed)``, so the interval is
+    reproducible) and recomputes the ratio; a window's clean and spliced sums always travel together, so
+    the interval reflects the variance of the *difference* (pairing), not of either loss. The interval is
+    the ``(1 − confidence)/2`` and ``(1 + confidence)/2`` quantiles of the replicates (numpy's linear
+    interpolation). Windows, not tokens, are resampled because tokens of one window are correlated.
+    Returns ``{"mean", "lower", "upper", "confidence", "n_boot", "n_windows", "n_tokens", "seed"}``.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    c, s = np.asarray(clean_sums, dtype=np.float64), np.asarray(spliced_sums, dtype=np.float64)
+    if not (n.shape == c.shape == s.shape and n.ndim == 1 and n.size > 0):
+        raise ValueError(f"need one clean sum, spliced sum and count per window, got {len(clean_sums)}, "
+                         f"{len(spliced_sums)}, {len(counts)}")
+    if n_boot < 1 or not 0 < confidence < 1:
+        raise ValueError(f"n_boot must be ≥ 1 and confidence in (0, 1), got {n_boot} and {confidence}")
+    d = s - c
+    rng = np.random.default_rng(seed)
+    w = n.size
+    replicates = np.empty(n_boot, dtype=np.float64)
+    for lo in range(0, n_boot, block):  # bounded memory: block × W indices at a time
+        idx = rng.integers(0, w, size=(min(block, n_boot - lo), w))
+        replicates[lo:lo + idx.shape[0]] = d[idx].sum(axis=1) / n[idx].sum(axis=1)
+    alpha = (1.0 - confidence) / 2
+    lower, upper = np.quantile(replicates, [alpha, 1.0 - alpha])
+    return {"mean": float(d.sum() / n.sum()), "lower": float(lower), "upper": float(upper),
+            "confidence": confidence, "n_boot": int(n_boot), "n_windows": int(w), "n_tokens": int(n.sum()),
+            "seed": int(seed)}
 
 
 def delta_loss_by_position(count: torch.Tensor, clean_sum: torch.Tensor, spliced_sum: torch.Tensor,

@@ -41,6 +41,14 @@ class EvalConfig(BaseModel):
     uniformity_tokens: int = Field(2048, ge=0, description="tokens per SAE for App. C.3 (a backward pass)")
     chunk_size: int = Field(512, gt=0, description="tokens unembedded at once (bounds memory on big vocabularies)")
     position_bins: int = Field(32, gt=0, description="groups of positions for Δ loss by position (App. C.2)")
+    principal_directions: int = Field(1, ge=0, description="k of fvu_top / fvu_rest: FVU along the top-k "
+                                      "principal directions of the site and on the rest (0: skip)")
+    bootstrap_samples: int = Field(2000, ge=1, description="bootstrap replicates of the Δ loss interval "
+                                   "(windows resampled with replacement, clean and spliced paired)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="coverage of the Δ loss percentile interval")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap's generator (reproducible intervals)")
+    zero_ablation_tokens: int | None = Field(16384, gt=0, description="tokens per site and domain also run "
+                                             "zero-ablated, for loss recovered (None: all)")
     model: str | None = Field(None, description="language model; default: the one the SAEs name")
     dtype: str = "float32"
     device: str = "cpu"
@@ -153,7 +161,11 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, model
     with torch.inference_mode(False):
         results = evaluate_saes(lm, targets, batches, uniformity_tokens=config.uniformity_tokens,
                                 chunk_size=config.chunk_size, position_bins=config.position_bins,
-                                progress=progress, total_batches=len(batches))
+                                progress=progress, total_batches=len(batches),
+                                principal_directions=config.principal_directions,
+                                bootstrap_samples=config.bootstrap_samples, confidence=config.confidence,
+                                bootstrap_seed=config.bootstrap_seed,
+                                zero_ablation_tokens=config.zero_ablation_tokens)
     seconds = time.perf_counter() - start
     return write_eval(results, run_dir / "eval", extra={
         "eval_config": config.model_dump(), "model": getattr(model, "name", None), "seconds": seconds,

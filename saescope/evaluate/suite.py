@@ -108,14 +108,29 @@ def evaluate_saes(
     token_chunk: int = 2048,
     progress: bool = True,
     total_batches: int | None = None,
+    principal_directions: int = 1,
+    bootstrap_samples: int = 2000,
+    confidence: float = 0.95,
+    bootstrap_seed: int = 0,
+    zero_ablation_tokens: int | None = 16384,
 ) -> list[dict[str, Any]]:
     """Evaluate every SAE of ``saes`` on ``batches``; returns one result dict per SAE (JSON-ready).
 
     ``saes`` maps names to SAE objects (``encode``/``decode``/``W_dec`` and ``config.site``/``layer``) or is
     a list of :class:`EvalTarget`. ``uniformity_tokens`` caps the tokens (per SAE) used for App. C.3
-    (it needs a backward pass); 0 turns it off. Latents are built ``token_chunk`` tokens at a time, so memory
-    stays bounded for wide SAEs.
+    (it needs a backward pass per batch); 0 turns it off. With ``total_batches`` known, the batches that
+    carry the gradient are spread evenly over the evaluation (every ``total_batches // needed``-th), so the
+    statistic samples every domain rather than the first windows. Latents are built ``token_chunk`` tokens at a time, so memory
+    stays bounded for wide SAEs. ``principal_directions`` is k of ``fvu_top``/``fvu_rest`` (0: skip);
+    ``bootstrap_samples``, ``confidence`` and ``bootstrap_seed`` set the paired bootstrap interval of Δ loss
+    over windows (each row of a batch is one window; :func:`~saescope.evaluate.metrics.bootstrap_delta_loss`).
+    ``zero_ablation_tokens`` caps the tokens per site and domain that are also run zero-ablated (for loss
+    recovered; whole batches, from the first; None: every batch). Zero-ablation costs as much as one more SAE
+    per site, and its loss (~20 nats on Gemma 3) needs far fewer tokens than Δ loss to be known well.
     """
+    if principal_directions < 0 or bootstrap_samples < 1 or not 0 < confidence < 1:
+        raise SaescopeError(f"principal_directions must be ≥ 0 (got {principal_directions}), bootstrap_samples "
+                            f"≥ 1 (got {bootstrap_samples}) and confidence in (0, 1) (got {confidence})")
     targets = [EvalTarget.of(n, s) for n, s in saes.items()] if isinstance(saes, Mapping) else list(saes)
     if not targets:
         raise SaescopeError("no SAEs to evaluate")
@@ -131,7 +146,9 @@ def evaluate_saes(
     device = next(lm.parameters()).device
     bar = tqdm(batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress)
     tokens_seen = 0
-    for batch in bar:
+    zero_seen: dict[tuple[str, str], int] = {}
+    uniformity_stride = 0  # set from the first batch: spread App. C.3's tokens over the whole evaluation
+    for batch_index, batch in enumerate(bar):
         ids = batch.input_ids.to(device)
         mask = batch.mask.to(device=device, dtype=torch.bool)
         if ids.shape != mask.shape or ids.dim() != 2 or ids.shape[1] < 2:
@@ -141,8 +158,16 @@ def evaluate_saes(
         if batch.attention_mask is not None:
             counted = counted & batch.attention_mask.to(device).bool()[:, 1:]
         cache: CleanPass = clean_pass(lm, ids, sites, attention_mask=batch.attention_mask, chunk_size=chunk_size)
-        zero = {s.id: spliced_losses(cache, s, torch.zeros_like(cache.sites[s.id]), mask) for s in write_sites}
+        zero = {s.id: spliced_losses(cache, s, torch.zeros_like(cache.sites[s.id]), mask) for s in write_sites
+                if zero_ablation_tokens is None or zero_seen.get((s.id, batch.domain), 0) < zero_ablation_tokens}
+        for site_id in zero:
+            zero_seen[(site_id, batch.domain)] = zero_seen.get((site_id, batch.domain), 0) + int(counted.sum())
         gradients: dict[str, torch.Tensor] = {}
+        if not uniformity_stride:
+            per_batch = max(1, int(counted.sum()))
+            needed = -(-uniformity_tokens // per_batch) if uniformity_tokens > 0 else 1
+            uniformity_stride = max(1, (total_batches or 0) // max(1, needed))
+        uniformity_batch = batch_index % uniformity_stride == 0
         for t in targets:
             state = states[t.name]
             x_in = cache.sites[t.read_site.id]
@@ -153,15 +178,16 @@ def evaluate_saes(
                 f, x_hat_part = _reconstruct(t.sae, x_sel[lo:lo + token_chunk])
                 x_hat[lo:lo + token_chunk] = x_hat_part.to(x_hat.dtype)
                 for key in ("all", batch.domain):
-                    acc = state.recon.setdefault(key, ReconstructionAccumulator(d_sae=f.shape[-1]))
+                    acc = state.recon.setdefault(key, ReconstructionAccumulator(
+                        d_sae=f.shape[-1], principal_directions=principal_directions))
                     acc.update(x_true[lo:lo + token_chunk], x_hat_part, f)
             full = x_out.clone()
             full[mask] = x_hat
             spliced = spliced_losses(cache, t.write_site, full, mask)
             for key in ("all", batch.domain):
                 state.loss.setdefault(key, LossAccumulator()).update(
-                    cache.clean_loss, spliced, counted, zero[t.write_site.id])
-            if uniformity_left[t.name] > 0:
+                    cache.clean_loss, spliced, counted, zero.get(t.write_site.id))
+            if uniformity_left[t.name] > 0 and uniformity_batch:
                 if t.write_site.id not in gradients:
                     gradients[t.write_site.id] = mean_centered_logit_gradient(cache, t.write_site, counted)
                 grad = gradients[t.write_site.id]
@@ -181,7 +207,8 @@ def evaluate_saes(
         state = states[t.name]
         if "all" not in state.recon:
             raise SaescopeError("no evaluation batches were given (or every position was masked)")
-        results.append(_result(t, state, position_bins))
+        results.append(_result(t, state, position_bins, {"n_boot": bootstrap_samples, "confidence": confidence,
+                                                         "seed": bootstrap_seed}))
     return results
 
 
@@ -191,10 +218,10 @@ def _training_summary(sae: Any) -> dict[str, Any]:
     return dict(training) if isinstance(training, Mapping) else {}
 
 
-def _result(t: EvalTarget, state: _State, position_bins: int) -> dict[str, Any]:
+def _result(t: EvalTarget, state: _State, position_bins: int, boot: Mapping[str, Any]) -> dict[str, Any]:
     overall = state.recon["all"].result()
     frequencies = overall.pop("_frequencies")
-    overall.update(state.loss["all"].result(position_bins=position_bins))
+    overall.update(state.loss["all"].result(position_bins=position_bins, **boot))
     overall.update(state.uniformity.result())
     domains = {}
     for key in state.recon:
@@ -202,10 +229,12 @@ def _result(t: EvalTarget, state: _State, position_bins: int) -> dict[str, Any]:
             continue
         r = state.recon[key].result()
         r.pop("_frequencies")
-        for drop in ("log10_frequency_histogram", "d_sae", "dead", "dense", "dead_fraction", "dense_fraction"):
+        for drop in ("log10_frequency_histogram", "d_sae", "dead", "dense", "dead_fraction", "dense_fraction",
+                     "dense_l0_share"):
             r.pop(drop, None)
-        r.update(state.loss[key].result(position_bins=position_bins))
+        r.update(state.loss[key].result(position_bins=position_bins, **boot))
         r.pop("delta_loss_by_position", None)
+        r.pop("delta_loss_windows", None)
         domains[key] = r
     sae = t.sae
     return finite_or_none({
@@ -225,8 +254,20 @@ def _result(t: EvalTarget, state: _State, position_bins: int) -> dict[str, Any]:
     })
 
 
-TABLE_COLUMNS = ("name", "kind", "site", "d_sae", "l0", "fvu", "mse", "cosine", "clean_loss", "spliced_loss",
-                 "delta_loss", "loss_recovered", "dead", "dense", "r_l0", "n_tokens")
+TABLE_COLUMNS = ("name", "kind", "site", "d_sae", "l0", "fvu", "fvu_top", "fvu_rest", "top_variance_share", "mse",
+                 "cosine", "clean_loss", "spliced_loss", "delta_loss", "delta_loss_lower", "delta_loss_upper",
+                 "loss_recovered", "dead", "dense", "dense_l0_share", "r_l0", "n_tokens", "n_windows")
+
+
+def _row_value(column: str, r: Mapping[str, Any], m: Mapping[str, Any]) -> Any:
+    ci = m.get("delta_loss_ci") or {}
+    if column == "delta_loss_lower":
+        return ci.get("lower")
+    if column == "delta_loss_upper":
+        return ci.get("upper")
+    if column == "n_windows":
+        return ci.get("n_windows")
+    return r.get(column) if column in r else m.get(column)
 
 
 def table_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -234,10 +275,14 @@ def table_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         m = r["metrics"]
-        row = {c: (r.get(c) if c in r else m.get(c)) for c in TABLE_COLUMNS}
+        row = {c: _row_value(c, r, m) for c in TABLE_COLUMNS}
         for dom, dm in sorted(r.get("domains", {}).items()):
             row[f"delta_loss[{dom}]"] = dm.get("delta_loss")
+            ci = dm.get("delta_loss_ci") or {}
+            row[f"delta_loss_lower[{dom}]"] = ci.get("lower")
+            row[f"delta_loss_upper[{dom}]"] = ci.get("upper")
             row[f"fvu[{dom}]"] = dm.get("fvu")
+            row[f"fvu_rest[{dom}]"] = dm.get("fvu_rest")
             row[f"l0[{dom}]"] = dm.get("l0")
         rows.append(row)
     return rows
