@@ -180,16 +180,40 @@ def _hf_records(records: Iterator[dict[str, Any]], name: str, split: str, column
 
 
 def documents_from_spec(spec: str) -> Iterator[Document]:
-    """Documents named by a short string (the CLI's ``--text``); several specs joined by ``+``.
+    """Documents named by a short string (the CLI's ``--text``); several specs joined by ``+`` are read one
+    after the other; ``mix:A+B`` interleaves them (:func:`interleave_documents`: equal characters from each).
 
     ``shakespeare`` · ``python`` · ``file:PATH`` (a .txt/.jsonl file or a folder; several paths joined by
     ``,``) · ``hf:NAME`` or ``hf:NAME:SPLIT`` or ``hf:NAME:SPLIT:COLUMN``.
     """
-    parts = [part.strip() for part in spec.split("+") if part.strip()]
+    spec = spec.strip()
+    mixed = spec.startswith("mix:")
+    parts = [part.strip() for part in spec.removeprefix("mix:").split("+") if part.strip()]
     if not parts:
-        raise SaescopeError("empty text spec; use shakespeare, python, file:PATH or hf:NAME[:SPLIT[:COLUMN]]")
+        raise SaescopeError("empty text spec; use shakespeare, python, file:PATH or hf:NAME[:SPLIT[:COLUMN]]"
+                            " (several joined by +, or mix:A+B to interleave them)")
     sources = [_one_spec(part) for part in parts]  # validate every part before reading any
+    if mixed:
+        return interleave_documents(sources)
     return (document for source in sources for document in source)
+
+
+def interleave_documents(sources: Sequence[Iterable[Document]]) -> Iterator[Document]:
+    """One stream from several sources, each source's documents in their own order: the next document always
+    comes from the source that has given the fewest characters so far (ties: the earlier source), so any
+    prefix of the stream — e.g. the first N tokens a cache keeps — holds about equal text from every source
+    (to within one document). A source that runs out drops out; the others go on."""
+    iterators = [iter(source) for source in sources]
+    given = [0] * len(iterators)
+    live = list(range(len(iterators)))
+    while live:
+        i = min(live, key=lambda j: (given[j], j))
+        document = next(iterators[i], None)
+        if document is None:
+            live.remove(i)
+            continue
+        given[i] += len(document.text)
+        yield document
 
 
 def _one_spec(spec: str) -> Iterator[Document]:

@@ -12,6 +12,7 @@ from saescope.corpus import (
     batch_windows,
     documents_from_spec,
     hf_dataset_documents,
+    interleave_documents,
     pack_windows,
     python_documents,
     shakespeare_documents,
@@ -179,6 +180,41 @@ def test_documents_from_spec():
         documents_from_spec("wikipedia")
     with pytest.raises(SaescopeError, match="empty"):
         documents_from_spec("")
+    with pytest.raises(SaescopeError, match="cannot read text spec"):
+        documents_from_spec("mix:shakespeare+wikipedia")   # every part checked before any is read
+
+
+def test_interleave_gives_equal_characters_from_each_source():
+    a = [Document(f"a/{i}", "x" * 100) for i in range(30)]
+    b = [Document(f"b/{i}", "y" * 7) for i in range(500)]
+    c = [Document("c/0", "z" * 250)]
+    out = list(interleave_documents([a, b, c]))
+    assert sorted(d.id for d in out) == sorted(d.id for d in a + b + c)       # nothing lost or repeated
+    for source in (a, b):                                                      # each source in its own order
+        ids = [d.id for d in source]
+        assert [d.id for d in out if d.id in set(ids)] == ids
+    # the closed form: after each document, no source is behind another live one by more than one document
+    given = {"a": 0, "b": 0, "c": 0}
+    longest = {"a": 100, "b": 7, "c": 250}
+    a_ends = max(i for i, d in enumerate(out) if d.id.startswith("a/"))   # a runs out first
+    for i, d in enumerate(out[:a_ends + 1]):
+        given[d.id[0]] += len(d.text)
+        if i > 3 and given["c"] < 250:  # while c has text left, it is never more than a document behind
+            assert given["c"] >= min(given["a"], given["b"]) - longest["c"]
+        assert abs(given["a"] - given["b"]) <= max(longest["a"], longest["b"])
+    assert out[0].id == "a/0" and out[1].id == "b/0" and out[2].id == "c/0"   # ties: the earlier source
+    assert all(d.id.startswith("b/") for d in out[a_ends + 1:])               # then b goes on alone
+
+
+def test_mix_spec_interleaves_shakespeare_and_python():
+    it = documents_from_spec("mix:shakespeare+python")
+    first = [next(it) for _ in range(40)]
+    chars = {"shakespeare": 0, "python": 0}
+    for d in first:
+        chars[d.id.split("/")[0]] += len(d.text)
+    assert chars["python"] > 0 and chars["shakespeare"] > 0
+    play = max(len(d.text) for d in first if d.id.startswith("shakespeare/"))
+    assert abs(chars["python"] - chars["shakespeare"]) <= play
 
 
 def test_hf_dataset_streamed_and_offline_error(monkeypatch):
