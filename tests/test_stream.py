@@ -131,11 +131,17 @@ def test_streamed_rows_are_the_stores_rows_bit_for_bit(store, prefetch):
         assert all(torch.equal(a.rows[SITES[0]], b.rows[SITES[0]]) for a, b in zip(again, chunks[start:]))
 
 
-def test_norm_scale_is_estimated_from_the_first_rows(store):
-    source = StreamingSource(model_chunks(tiny_loaded()), BATCH, buffer_rows=BUFFER, norm_sample_rows=150)
+@pytest.mark.parametrize("buffer_rows", [BUFFER, 300])     # sample beyond the first block / inside it
+def test_norm_scale_is_estimated_from_the_first_rows(store, buffer_rows):
+    source = StreamingSource(model_chunks(tiny_loaded()), BATCH, buffer_rows=buffer_rows, norm_sample_rows=150)
     scales = source.norm_scales()
     for site in SITES:
         assert scales[site] == pytest.approx(estimate_norm_scale(store[site][:150]), rel=1e-12)
+    # estimating C (which may fill the first block early) leaves the batches unchanged
+    fresh = StreamingSource(model_chunks(tiny_loaded()), BATCH, buffer_rows=buffer_rows, norm_sample_rows=150)
+    assert source.state_dict()["block"] == 0
+    for a, b in zip(source, fresh, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in SITES)
 
 
 def test_streaming_training_equals_training_on_the_store_in_the_same_order(store, tmp_path):

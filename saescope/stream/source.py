@@ -181,6 +181,12 @@ class StreamingSource(BlockShuffle):
         from saescope.store.norm_scale import norm_scale_from_sums, sum_squared_norms
 
         sums = {s: 0.0 for s in self.sites}
+        if (self._block, self._batch, self._filled) == (0, 0, 0) and self.norm_sample_rows <= self.block_rows:
+            # the sample is the start of the first block: fill it now (in stream order until it is permuted) and
+            # train on it next, so the sample costs no forward pass of its own
+            rows = min(self._fill(), self.norm_sample_rows)
+            return {s: norm_scale_from_sums(sum_squared_norms(self._buffer[s][:rows]) if rows else 0.0, rows, site=s)
+                    for s in self.sites}
         rows = 0
         for chunk in self.chunks(0):
             take = min(int(chunk.document_ids.shape[0]), self.norm_sample_rows - rows)
