@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def test_streamed_scope_trains_evaluates_reports_and_releases_every_layer(tmp_pa
     summary = run_scope(cfg, model=tiny_loaded(), progress=False, echo=lambda _: None)
     run = cfg.out
     assert summary["saes"] == 3 * 3 * 2 and summary["activation_shards"] == 0
+    assert cfg.prefetch == 1 and not any(t.name == "saescope-forward" for t in threading.enumerate())
     assert not (run / "activations").exists()
     assert summary["memory"]["shuffle_buffer_bytes"] == 96 * 32 * 9 * 4     # 9 sites of width 32, float32
     table = json.loads((run / "eval" / "table.json").read_text())
@@ -126,3 +128,18 @@ def test_cli_refuses_bad_layers_and_sites_with_exit_2(tmp_path):
     result = runner.invoke(app, ["scope", "tiny", "--out", str(tmp_path / "x"), "--text", "nonsense:spec"])
     assert result.exit_code == 2 and "text spec" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_browser_index_groups_saes_by_site_then_layer_numerically(tmp_path):
+    from saescope.browse.server import BrowseApp
+
+    cfg = config(tmp_path, transcoders=False, target_l0=[6], tokens=32 * 12, export=False)
+    run_scope(cfg, model=tiny_loaded(), progress=False, echo=lambda _: None)
+    suite = cfg.out / "suite" / "resid_post"
+    shutil.copytree(suite / "layer_1", suite / "layer_10")      # sorts before layer_2 as text
+    home = BrowseApp(cfg.out).home_page()
+    heads = [f"{site} · layer {n}" for site in ("mlp_out", "resid_post") for n in ((0, 1, 2) if site == "mlp_out"
+                                                                                    else (0, 1, 2, 10))]
+    places = [home.index(h) for h in heads]
+    assert places == sorted(places)
+    assert home.index("resid_post/layer_2/") < home.index("resid_post/layer_10/") < home.index("</table>")

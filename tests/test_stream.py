@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,11 @@ def test_streamed_rows_are_the_stores_rows_bit_for_bit(store, prefetch):
         assert torch.equal(torch.cat([c.rows[site] for c in chunks]), store[site]), site
     assert torch.equal(torch.cat([c.token_ids for c in chunks]).int(), store["token_ids"].int())
     assert torch.equal(torch.cat([c.document_ids for c in chunks]), store["document_ids"].long())
+    # a producer abandoned mid-stream stops its prefetching thread
+    producer = model_chunks(tiny_loaded(), prefetch=prefetch)(0)
+    next(producer)
+    producer.close()
+    assert not any(t.name == "saescope-forward" for t in threading.enumerate())
     # restarted at any window (inside a forward-pass group or at its start): the same chunks from there
     for start in (4, 6):
         again = list(model_chunks(tiny_loaded())(start))

@@ -176,7 +176,10 @@ def run_scope(cfg: ScopeConfig, *, model=None, progress: bool = True, echo=print
         t = time.perf_counter()
         from saescope.train import train
 
-        folders = train(tcfg, source, scales, progress=progress)
+        try:
+            folders = train(tcfg, source, scales, progress=progress)
+        finally:
+            source.close()
         times["train"] = time.perf_counter() - t
         times["train_forward"] = chunks.forward_seconds
     else:

@@ -125,8 +125,14 @@ class BlockShuffle:
         if self._end is not None and self._batch >= self.batches_per_block:
             self._next_block()            # the saved block was served whole: continue at the next one
         self._filled = 0
-        self._chunks, self._carry = None, None
+        self.close()
         self.finished = False
+
+    def close(self) -> None:
+        """Stop the producer (and any thread computing ahead for it); iterating again restarts it where needed."""
+        if self._chunks is not None and hasattr(self._chunks, "close"):
+            self._chunks.close()
+        self._chunks, self._carry = None, None
 
     def _next_block(self) -> None:
         assert self._end is not None

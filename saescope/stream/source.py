@@ -109,10 +109,13 @@ class ModelChunks:
     def __call__(self, start_window: int) -> Iterator[Chunk]:
         passes = self._passes(start_window) if self.prefetch == 0 else _prefetched(self._passes(start_window),
                                                                                   self.prefetch)
-        for chunks in passes:
-            for chunk in chunks:
-                if chunk.window >= start_window:
-                    yield chunk
+        try:
+            for chunks in passes:
+                for chunk in chunks:
+                    if chunk.window >= start_window:
+                        yield chunk
+        finally:
+            passes.close()          # stops and joins a prefetching thread
 
 
 def _prefetched(items: Iterator, depth: int) -> Iterator:
@@ -121,20 +124,23 @@ def _prefetched(items: Iterator, depth: int) -> Iterator:
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        box.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            box.put(done)
+            put(done)
         except BaseException as exc:  # re-raised in the consumer
-            box.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=work, daemon=True, name="saescope-forward")
     thread.start()
@@ -148,6 +154,7 @@ def _prefetched(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        thread.join()           # at most the forward pass in flight; no thread outlives its consumer
 
 
 class StreamingSource(BlockShuffle):
