@@ -143,3 +143,25 @@ def test_browser_index_groups_saes_by_site_then_layer_numerically(tmp_path):
     places = [home.index(h) for h in heads]
     assert places == sorted(places)
     assert home.index("resid_post/layer_2/") < home.index("resid_post/layer_10/") < home.index("</table>")
+
+
+@pytest.mark.integration
+def test_cli_scope_on_the_embedded_gemma_streams_two_layers(tmp_path):
+    """The acceptance command, smaller: the real model, its first and last layer, streamed."""
+    runner = CliRunner()
+    out = tmp_path / "gemma"
+    result = runner.invoke(app, ["scope", "gemma-3-270m", "--out", str(out), "--layers", "0-18"])
+    assert result.exit_code == 2 and "layer(s) 18" in result.output and "0-17" in result.output
+    result = runner.invoke(app, ["scope", "gemma-3-270m", "--out", str(out), "--layers", "0,17", "--sites", "resid_post",
+                                 "--width", "64", "--target-l0", "20", "--tokens", "6144", "--batch-size", "512",
+                                 "--context-len", "128", "--buffer-rows", "2048", "--stream", "--eval-windows", "1",
+                                 "--export"])
+    assert result.exit_code == 0, result.output
+    assert not list(out.rglob("shard_*.safetensors"))
+    rows = json.loads((out / "eval" / "table.json").read_text())["rows"]
+    assert sorted(r["name"].split("/")[1] for r in rows) == ["layer_0", "layer_17"]
+    assert all(math.isfinite(r["delta_loss"]) for r in rows)
+    assert {p.name for p in (out / "report" / "figures").glob("*by_layer_resid_post.png")} == {
+        f"{m}_by_layer_resid_post.png" for m in ("fvu", "delta_loss", "l0", "dead_dense")}
+    assert sorted(p.name for p in (out / "release" / "resid_post_all").iterdir()) == [
+        "layer_0_width_64_l0_medium", "layer_17_width_64_l0_medium"]

@@ -150,8 +150,8 @@ class BlockShuffle:
             missing = sorted(set(self.sites) - set(chunk.rows))
             if missing:
                 raise SaescopeError(f"the producer gave no rows for {', '.join(missing)}")
-            self._buffer = {s: torch.empty(self.block_rows, chunk.rows[s].shape[1], dtype=chunk.rows[s].dtype)
-                            for s in self.sites}
+            self._buffer = {s: torch.empty(self.block_rows, chunk.rows[s].shape[1], dtype=chunk.rows[s].dtype,
+                                           device=chunk.rows[s].device) for s in self.sites}  # the model's device
             self._meta = {key: torch.empty(self.block_rows, dtype=torch.int64)
                           for key in ("window", "document", "position")}
 
@@ -210,7 +210,7 @@ class BlockShuffle:
                 index = order[self._batch * self.batch_size:(self._batch + 1) * self.batch_size]
                 number = self._block * self.batches_per_block + self._batch
                 self._batch += 1
-                batch = {s: self._buffer[s][index] for s in self.sites}
+                batch = {s: self._buffer[s][index.to(self._buffer[s].device)] for s in self.sites}
                 if self.trace is not None:
                     self._write_trace(number, index)
                 yield batch

@@ -97,7 +97,6 @@ class ModelChunks:
                 return
             t = time.perf_counter()
             acts = read_sites(self.model.model, torch.stack([w.input_ids for w in batch]), self.sites)
-            acts = {k: v.cpu() for k, v in acts.items()}
             chunks = []
             for i, window in enumerate(batch):
                 rows, meta = window_rows(acts, i, window, self.sites)
