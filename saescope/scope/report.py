@@ -107,7 +107,10 @@ def _figure(rows: Sequence[dict], site: str, metric: str, path: Path) -> Path:
             ax.plot(xs, ys, "-o", label=line[0])
     labels = {"fvu": "FVU (held-out)", "delta_loss": "Δ LM loss (nats)", "l0": "L0 (held-out)",
               "dead_dense": "latents (dead: never fire; dense: > 10% of tokens)"}
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(labels[metric])
     ax.set_title(f"{site}: {labels[metric].split(' (')[0]} by layer")
     if metric == "fvu":
