@@ -59,11 +59,17 @@ def test_streaming_topk_equals_brute_force(setup, block_rows):
         fired += bool(firing)
         assert int(stats.count[i]) == len(firing)
         assert math.isclose(float(stats.sum[i]), float(col.sum()), rel_tol=1e-5, abs_tol=1e-6)
-        # exact top-k: by value descending, ties by earlier row
+        # top-k: by value descending, ties by earlier row. The blocked pass and this one-block product sum in
+        # another order, so two values within float32 rounding may swap (seen on AVX2 with 7-row blocks): the
+        # rows must be the reference's except where the reference values of the two rows are that close.
         order = sorted(firing, key=lambda r: (-float(col[r]), r))[:5]
         got = [r for r in stats.top_rows[i].tolist() if r >= 0]
-        assert got == order
+        assert len(got) == len(order) and len(set(got)) == len(got) and set(got) <= set(firing)
+        tol = 1e-5 * float(col.abs().max()) + 1e-6
+        for r_got, r_ref in zip(got, order):
+            assert r_got == r_ref or abs(float(col[r_got]) - float(col[r_ref])) <= tol, (i, got, order)
         assert torch.allclose(stats.top_values[i, :len(got)].double(), col[order], rtol=1e-5)
+        assert torch.allclose(stats.top_values[i, :len(got)].double(), col[got], rtol=1e-5)
         # windows hold the latent's activation at rows row-3 .. row+2 (0 outside the store)
         for j, r in enumerate(got):
             for o in range(-3, 3):

@@ -110,7 +110,9 @@ def test_attn_out_is_o_proj_input_and_maps_to_attention_output(arch):
         h1.remove()
         h2.remove()
     got = read_sites(model, ids, "attn_out/layer_2")["attn_out/layer_2"]
-    assert torch.equal(got, seen["in"])
+    # read_sites runs with use_cache=False; the plain call above fills a KV cache, whose other tensor layout
+    # sends GPT-2's attention through other kernels: equal to float32 rounding, not bitwise (AVX2: 3.7e-9)
+    torch.testing.assert_close(got, seen["in"], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(o_proj(got), seen["out"])
     # attn_out is the concatenation of the heads, wider than d_model when n_heads·head_dim > d_model
@@ -128,7 +130,8 @@ def test_resid_post_matches_hf_hidden_states(arch):
         hidden = model(ids, output_hidden_states=True).hidden_states
     got = read_sites(model, ids, [f"resid_post/layer_{layer}" for layer in range(N_LAYERS - 1)])
     for layer in range(N_LAYERS - 1):  # the last entry of hidden_states has the final norm applied
-        torch.testing.assert_close(got[f"resid_post/layer_{layer}"], hidden[layer + 1], rtol=0, atol=0)
+        # same tolerance as above: HF's call here uses a KV cache, read_sites does not (other kernels)
+        torch.testing.assert_close(got[f"resid_post/layer_{layer}"], hidden[layer + 1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

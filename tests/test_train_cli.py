@@ -163,3 +163,28 @@ def test_transcoder_target_scale_flag(store, tmp_path):
                                  "--total-tokens", "300", "--batch-size", "100"])
     assert result.exit_code == 0, result.output
     assert 'transcoder_target_scale = "target"' in (out / "config.toml").read_text()
+
+
+def test_suite_names_the_store_model_and_a_different_model_is_refused(tmp_path):
+    """The README tour: `train --store` then `evaluate RUN` with no --model. The SAEs name the store's model;
+    --model naming another model stops before training (exit 2), the same one is accepted."""
+    from saescope.store import StoreIndex
+
+    store = tmp_path / "acts"
+    writer = StoreWriter(store, {SITE: 16}, shard_rows=500)
+    writer.add({SITE: torch.randn(600, 16) * 30}, token_ids=torch.arange(600), document_ids=torch.zeros(600),
+               positions=torch.arange(600))
+    writer.close()
+    index = StoreIndex.load(store)
+    index.model = "tiny-lm"
+    index.save(store)
+    flags = ["train", "--store", str(store), "--sites", SITE, "--width", "32", "--lambda", "0.01",
+             "--total-tokens", "400", "--batch-size", "100"]
+    result = runner.invoke(app, [*flags, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    (sae,) = _suite(tmp_path / "a").values()
+    assert sae.config.model == "tiny-lm"
+    result = runner.invoke(app, [*flags, "--out", str(tmp_path / "b"), "--model", "other-lm"])
+    assert result.exit_code == 2 and "disagrees" in result.output and "tiny-lm" in result.output
+    assert not (tmp_path / "b" / "suite").exists()
+    assert runner.invoke(app, [*flags, "--out", str(tmp_path / "c"), "--model", "tiny-lm"]).exit_code == 0

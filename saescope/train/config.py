@@ -295,6 +295,9 @@ class TrainConfig(BaseModel):
         """
         payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
         payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
+        # the language model's name only labels the SAEs (train --store fills it from the store, whose rows are
+        # what a resume must share); kept as None so fingerprints made before that stay as they were
+        payload["model"] = None
         for key, default in (("initial_W_skip", "zeros"), ("initial_exclude_top_pcs", 0), ("threshold_lr_scale", 1.0),
                              ("transcoder_target_scale", "input"), ("initial_transcoder_W_dec", "random")):
             if payload.get(key) == default:      # added later: at their defaults, fingerprints stay as before

@@ -410,9 +410,11 @@ class Trainer:
                               if a.get(k, NEW_SPEC_DEFAULTS.get(k)) != b.get(k, NEW_SPEC_DEFAULTS.get(k))]
                 if len(old_saes) != len(new_saes):
                     diffs.append(f"the number of SAEs: {len(old_saes)} → {len(new_saes)}")
-            raise ckpt.CheckpointError(
-                f"the checkpoint in {path} was made with a different config (differs in: {', '.join(diffs)}); "
-                f"use a new out_dir, or delete {self.checkpoint_dir} to start over")
+            # no setting differs: the same config under an older fingerprint rule (one that hashed `model`)
+            if diffs:
+                raise ckpt.CheckpointError(
+                    f"the checkpoint in {path} was made with a different config (differs in: {', '.join(diffs)}); "
+                    f"use a new out_dir, or delete {self.checkpoint_dir} to start over")
         if meta.get("saes") != [u.spec.name for u in self.units]:
             raise ckpt.CheckpointError(f"the checkpoint in {path} trains {meta.get('saes')}, not "
                                        f"{[u.spec.name for u in self.units]}")
@@ -829,6 +831,21 @@ def _train_from_store(config: TrainConfig, kwargs: dict[str, Any], progress: boo
     if parallel is not None:
         kwargs.update(rank=parallel.data_rank, world_size=parallel.data_shards)
     loader = ActivationLoader(config.store, config.sites, batch_size, **kwargs)
+    config = _with_store_model(config, loader.index.model)
     norm_scales = {site: loader.norm_scale(site) for site in config.sites}
     dims = {site: loader.d(site) for site in config.sites}
     return Trainer(config, loader, norm_scales, dims, progress=progress).run()
+
+
+def _with_store_model(config: TrainConfig, store_model: str | None) -> TrainConfig:
+    """The SAEs name the language model the store was cached from (``index.json``'s ``model``), so that
+    ``evaluate``/``browse``/``steer`` need no ``--model``; a ``model`` given that names another one is an error."""
+    if store_model is None:
+        return config
+    if config.model is None:
+        return config.model_copy(update={"model": store_model})
+    if config.model != store_model:
+        raise SaescopeError(f"--model {config.model!r} disagrees with the activation store {config.store}, which "
+                            f"was cached from {store_model!r}; leave --model out (the store's model is recorded) "
+                            f"or cache the store from {config.model!r}")
+    return config
