@@ -412,6 +412,50 @@ def report(run_dir: Path = typer.Argument(..., help="run directory evaluated by 
 
 
 @app.command()
+def scope(
+    model: str = typer.Argument(..., help="embedded name (gemma-3-270m, smollm2-135m), folder, .gguf or hub id"),
+    out: Path = typer.Option(..., help="run folder (re-run the same command to resume)"),
+    layers: str = typer.Option("all", help="all, a range like 0-17, or a list like 5,9,12"),
+    sites: list[str] = typer.Option(["resid_post"], "--sites",
+                                    help="resid_post, attn_out, mlp_out (repeat or comma-separate)"),
+    transcoders: bool = typer.Option(False, help="also a transcoder mlp_in → mlp_out at every layer"),
+    widths: list[int] = typer.Option([4096], "--width", help="latents per SAE (repeat for several)"),
+    target_l0: list[float] = typer.Option([], "--target-l0", help="target L0 (repeat for several)"),
+    l0: list[str] = typer.Option([], "--l0", help="Gemma Scope 2's per-layer ladder: small, medium, big (repeat)"),
+    tokens: int = typer.Option(300_000, help="training tokens, the same for every SAE"),
+    text: str = typer.Option("shakespeare", help="shakespeare, python, file:PATH or hf:NAME[:SPLIT[:COLUMN]]"),
+    eval_windows: int = typer.Option(4, help="held-out windows per evaluation domain"),
+    preset: str = typer.Option("short-budget", help="training preset, or none for the paper's schedule"),
+    stream: bool = typer.Option(False, help="train from the model's forward passes: no activation store on disk"),
+    batch_size: int = typer.Option(1024, help="tokens per step"),
+    buffer_rows: int = typer.Option(16384, help="--stream: shuffle buffer in rows"),
+    context_len: int = typer.Option(256, help="tokens per window (Gemma Scope: 1024)"),
+    export: bool = typer.Option(False, help="also write the Gemma Scope 2 release layout to OUT/release"),
+    device: str = typer.Option("cpu", help="device for the model and the SAEs"),
+) -> None:
+    """Every SAE of a model in one command: train (one forward pass serves all sites), evaluate, report, export."""
+    from pydantic import ValidationError
+
+    from saescope.scope import ScopeConfig, run_scope
+
+    kinds = [k.strip() for s in sites for k in s.split(",") if k.strip()]
+    try:
+        cfg = ScopeConfig(model=model, out=out, layers=layers, sites=kinds, transcoders=transcoders, widths=widths,
+                          target_l0=target_l0, l0=l0, tokens=tokens, text=text, eval_windows=eval_windows,
+                          preset=None if preset == "none" else preset, stream=stream, batch_size=batch_size,
+                          buffer_rows=buffer_rows, context_len=context_len, export=export, device=device)
+        summary = run_scope(cfg, echo=typer.echo)
+    except ValidationError as exc:
+        fail(f"invalid scope settings:\n{exc}")
+    except SaescopeError as exc:
+        fail(str(exc))
+    typer.echo(f"\n{summary['saes']} SAE(s); by-layer report: {summary['by_layer']}")
+    if summary["release"]:
+        typer.echo(f"release: {summary['release']}")
+    typer.echo(f"took {summary['seconds']['total'] / 60:.1f} min ({summary['seconds']})")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run folder (re-run the command to resume)"),
     model: str = typer.Option("gemma-3-270m", help="embedded name, folder, .gguf or hub id"),

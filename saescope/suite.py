@@ -116,8 +116,13 @@ def size_names(entries: list[SuiteEntry]) -> dict[Path, str]:
     return names
 
 
-def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2") -> list[Path]:
-    """Write every SAE under ``root`` to ``out`` in a Gemma Scope release layout; returns the folders."""
+def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2", *, site_suffix: str = "",
+                 sizes: dict[Path, str] | None = None) -> list[Path]:
+    """Write every SAE under ``root`` to ``out`` in a Gemma Scope release layout; returns the folders.
+
+    ``site_suffix``: appended to each site folder (``"_all"``: Gemma Scope 2's whole-model folders
+    ``resid_post_all/``, ``transcoder_all/``). ``sizes``: the ``l0_<size>`` name of SAE folders (e.g. the
+    target-L0 ladder they were trained for); the others are named by :func:`size_names`."""
     if layout not in LAYOUTS:
         raise SaescopeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     entries = find_suite(root)
@@ -126,14 +131,18 @@ def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2
         raise SaescopeError(f"the gemma-scope layout (params.npz) has no skip matrix, but {len(skips)} member(s) are "
                             f"skip transcoders (e.g. {skips[0]}); export with --layout gemma-scope-2 instead")
     out = Path(out)
-    sizes = size_names(entries)
+    given = {Path(k).resolve(): v for k, v in (sizes or {}).items()}
+    sizes = {**size_names(entries), **{e.folder: given[e.folder.resolve()] for e in entries
+                                       if e.folder.resolve() in given}}
     written = []
     for e in entries:
         sae = load_sae(e.folder)
         if layout == "gemma-scope":
-            target = out / e.site / f"layer_{e.layer}" / f"width_{width_name(e.d_sae)}" / f"average_l0_{e.average_l0}"
+            target = (out / f"{e.site}{site_suffix}" / f"layer_{e.layer}" / f"width_{width_name(e.d_sae)}"
+                      / f"average_l0_{e.average_l0}")
         else:
-            target = gemma_scope_2_folder(out, e.site, e.layer, e.d_sae, sizes[e.folder], affine=e.affine)
+            target = gemma_scope_2_folder(out, f"{e.site}{site_suffix}", e.layer, e.d_sae, sizes[e.folder],
+                                          affine=e.affine)
         if target.exists() and any(target.iterdir()):
             raise SaescopeError(f"{target} already holds files; two SAEs map to the same release folder "
                                 "or the export ran before — choose an empty output folder")

@@ -106,11 +106,20 @@ class BrowseApp:
                      analyze=f"/sae/{n}/analyze")
 
     def home_page(self) -> str:
-        rows = []
+        """Every SAE, grouped by site and then layer (numerically: layer 2 before layer 10)."""
+        groups: dict[tuple[str, int], list[SAEEntry]] = {}
         for e in self.saes:
-            built = (e.dashboards / "summary.json").is_file()
-            rows.append(f"<tr><td class='l'><a class='sae' href='/sae/{e.number}/'>{esc(e.label)}</a></td>"
-                        f"<td class='l'>{'yes' if built else 'no'}</td></tr>")
+            match = re.match(r"^([^/]+)/layer_(\d+)(/|$)", e.label)
+            key = (match.group(1), int(match.group(2))) if match else ("other", -1)
+            groups.setdefault(key, []).append(e)
+        rows = []
+        for (site, layer), entries in sorted(groups.items()):
+            title = f"{site} · layer {layer}" if layer >= 0 else site
+            rows.append(f"<tr class='group' id='{esc(site)}-{layer}'><th class='l' colspan='2'>{esc(title)}</th></tr>")
+            for e in entries:
+                built = (e.dashboards / "summary.json").is_file()
+                rows.append(f"<tr><td class='l'><a class='sae' href='/sae/{e.number}/'>{esc(e.label)}</a></td>"
+                            f"<td class='l'>{'yes' if built else 'no'}</td></tr>")
         body = (f"<h1>saescope · {esc(self.run_dir.name)}</h1>"
                 "<table id='saes'><tr><th class='l'>SAE (site / width / L0)</th><th class='l'>dashboards</th></tr>"
                 f"{''.join(rows)}</table>")

@@ -33,6 +33,42 @@ def _windows_from(model, documents, context_len: int, names: list[str]) -> Itera
     return pack_windows(remember(documents), model.tokenizer, context_len)
 
 
+def prepare_sites(model, sites: Sequence[Site | str] | Site | str) -> tuple[list[Site], dict[str, int]]:
+    """Parse and check ``sites`` against ``model`` (a :class:`~saescope.models.LoadedModel`); returns the sites and
+    their widths. A transcoder input (``mlp_in``) needs the pre-MLP norm gain folded into the MLP input weights
+    (Gemma Scope App. B): done here, in place (the model's outputs are unchanged). Shared by the store and the
+    streaming source (:mod:`saescope.stream`), so both read the same vectors."""
+    from saescope.sites import site_width
+
+    if isinstance(sites, (str, Site)):
+        sites = [sites]
+    try:
+        parsed = [Site.parse(s) for s in sites]
+    except ValueError as exc:
+        raise SaescopeError(str(exc)) from exc
+    if not parsed:
+        raise SaescopeError("give at least one site (e.g. --sites resid_post/layer_6)")
+    if len({s.id for s in parsed}) != len(parsed):
+        raise SaescopeError(f"a site is listed twice: {', '.join(s.id for s in parsed)}")
+    widths = {s.id: site_width(model.model, s) for s in parsed}  # raises on a layer the model lacks
+    if any(s.kind == "mlp_in" for s in parsed):
+        from saescope.folding import fold_mlp_in_norm, mlp_in_is_folded
+
+        if not mlp_in_is_folded(model.model):
+            fold_mlp_in_norm(model.model)
+    return parsed, widths
+
+
+def window_rows(acts: dict[str, torch.Tensor], i: int, window, sites: Sequence[Site]) -> tuple[dict, dict]:
+    """The training rows of window ``i`` of a forward pass: ``({site_id: [n, d]}, {token_ids, document_ids,
+    positions})`` with BOS, EOS and padding dropped (Gemma Scope §3). The one rule the store and the stream share."""
+    mask = window.mask
+    rows = {site.id: acts[site.id][i][mask.to(acts[site.id].device)] for site in sites}
+    meta = {"token_ids": window.input_ids[mask], "document_ids": window.document_ids[mask],
+            "positions": window.positions[mask]}
+    return rows, meta
+
+
 def cache_activations(
     model,
     documents: Iterable | str,
@@ -64,7 +100,7 @@ def cache_activations(
     """
     from saescope.corpus import documents_from_spec, split_documents
     from saescope.models import LoadedModel, load_model
-    from saescope.sites import read_sites, site_width
+    from saescope.sites import read_sites
 
     if batch_size < 1:
         raise SaescopeError(f"batch_size (windows per forward pass) must be at least 1, got {batch_size}")
@@ -85,24 +121,7 @@ def cache_activations(
             yield document
 
     documents = counted(split_documents(counted(documents, "all"), held_out_fraction, part="train"), "train")
-    if isinstance(sites, (str, Site)):
-        sites = [sites]
-    try:
-        parsed = [Site.parse(s) for s in sites]
-    except ValueError as exc:
-        raise SaescopeError(str(exc)) from exc
-    if not parsed:
-        raise SaescopeError("give at least one site (e.g. --sites resid_post/layer_6)")
-    if len({s.id for s in parsed}) != len(parsed):
-        raise SaescopeError(f"a site is listed twice: {', '.join(s.id for s in parsed)}")
-    widths = {s.id: site_width(model.model, s) for s in parsed}  # raises on a layer the model lacks
-    if any(s.kind == "mlp_in" for s in parsed):
-        # Transcoders read the gain-free normalized MLP input (Gemma Scope App. B): fold the pre-MLP norm gain
-        # into the MLP input weights first (in place; the model's outputs are unchanged).
-        from saescope.folding import fold_mlp_in_norm, mlp_in_is_folded
-
-        if not mlp_in_is_folded(model.model):
-            fold_mlp_in_norm(model.model)
+    parsed, widths = prepare_sites(model, sites)
 
     writer = StoreWriter(out, widths, dtype=dtype, shard_rows=shard_rows, model=model.name,
                          context_len=context_len, max_rows=max_tokens,
@@ -146,11 +165,9 @@ def _forward_and_store(model, windows: list, sites: list[Site], writer: StoreWri
     input_ids = torch.stack([w.input_ids for w in windows])
     acts = read_sites(model.model, input_ids, sites)
     for i, window in enumerate(windows):
-        mask = window.mask
+        rows, meta = window_rows(acts, i, window, sites)
         before = writer.rows
-        writer.add({site.id: acts[site.id][i][mask.to(acts[site.id].device)] for site in sites},
-                   token_ids=window.input_ids[mask], document_ids=window.document_ids[mask],
-                   positions=window.positions[mask])
+        writer.add(rows, **meta)
         bar.update(writer.rows - before)
         if writer.done:
             return
