@@ -411,6 +411,12 @@ def report(run_dir: Path = typer.Argument(..., help="run directory evaluated by 
     typer.echo(f"wrote {page}")
 
 
+def _demo_default(name: str) -> Any:
+    from saescope.demo import DemoConfig
+
+    return DemoConfig.model_fields[name].get_default(call_default_factory=True)
+
+
 @app.command()
 def scope(
     model: str = typer.Argument(..., help="embedded name (gemma-3-270m, smollm2-135m), folder, .gguf or hub id"),
@@ -457,23 +463,25 @@ def scope(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="run folder (re-run the command to resume)"),
-    model: str = typer.Option("gemma-3-270m", help="embedded name, folder, .gguf or hub id"),
-    layer: int = typer.Option(6, help="layer whose sites are cached and trained on"),
-    tokens: int = typer.Option(800_000, help="tokens cached and trained on"),
-    width: int = typer.Option(4096, help="latents per SAE"),
+    out: Path = typer.Option(_demo_default("out"), help="run folder (re-run the command to resume)"),
+    model: str = typer.Option(_demo_default("model"), help="embedded name, folder, .gguf or hub id"),
+    layer: int = typer.Option(_demo_default("layer"), help="layer whose sites are cached and trained on"),
+    text: str = typer.Option(_demo_default("text"), help="training text: shakespeare, python, file:PATH, "
+                             "hf:NAME; A+B one after the other, mix:A+B interleaved"),
+    tokens: int = typer.Option(_demo_default("tokens"), help="tokens cached and trained on"),
+    width: int = typer.Option(_demo_default("width"), help="latents per SAE"),
     lambdas: list[float] = typer.Option([], "--lambda", help="λ of the resid_post SAEs (repeat; default 3)"),
-    context_len: int = typer.Option(256, help="tokens per window"),
-    eval_windows: int = typer.Option(4, help="held-out windows per evaluation domain"),
+    context_len: int = typer.Option(_demo_default("context_len"), help="tokens per window"),
+    eval_windows: int = typer.Option(_demo_default("eval_windows"), help="held-out windows per evaluation domain"),
     transcoder: bool = typer.Option(True, help="also train an mlp_in→mlp_out transcoder"),
-    dashboards: bool = typer.Option(True, help="build latent dashboards for one SAE"),
+    dashboards: bool = typer.Option(_demo_default("dashboards"), help="build latent dashboards for one SAE"),
 ) -> None:
     """The whole flow on the embedded default: cache, train a λ sweep + a transcoder, evaluate, report."""
     from pydantic import ValidationError
 
     from saescope.demo import DemoConfig, run_demo
 
-    fields = {"out": out, "model": model, "layer": layer, "tokens": tokens, "width": width,
+    fields = {"out": out, "model": model, "layer": layer, "text": text, "tokens": tokens, "width": width,
               "context_len": context_len, "eval_windows": eval_windows, "dashboards": dashboards}
     if lambdas:
         fields["lambdas"] = lambdas

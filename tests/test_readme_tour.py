@@ -1,8 +1,9 @@
 """The README's 5-minute tour, run as printed, in order, on the embedded Gemma 3 270M with fewer tokens.
 
 Each command of the tour's bash block is run by bash in a fresh folder with ``saescope`` on the PATH. Only
-budgets are changed: ``--max-tokens``/``--total-tokens``/``--width`` get small values (and the width's folder
-label with them), ``evaluate`` gets a few short windows, and ``browse`` — a server that runs until stopped — gets
+budgets are changed: ``--max-tokens``/``--total-tokens``/``--tokens``/``--width`` get small values (and the width's
+folder label with them), ``evaluate`` gets a few short windows, ``scope`` two layers (the first and the last)
+instead of all, one evaluation window and a smaller shuffle buffer, and ``browse`` — a server that runs until stopped — gets
 a free port, answers a typed text with HTTP 200, and is stopped. Everything else (paths, flags, the order, no
 ``--model`` after ``train --store``) is the README's own text.
 """
@@ -25,7 +26,8 @@ import pytest
 from saescope.formats.gemma_scope import width_name
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENS = {"--max-tokens": "12288", "--total-tokens": "8192"}   # 2 steps of the default batch of 4096
+TOKENS = {"--max-tokens": "12288", "--total-tokens": "8192",   # 2 steps of the default batch of 4096
+          "--tokens": "8192"}                                   # scope: 8 steps of its batch of 1024
 WIDTH = 512
 
 
@@ -51,6 +53,8 @@ def small_budget(command: str, port: int) -> str:
     words = shlex.split(command)
     if words[:2] == ["saescope", "evaluate"]:
         command += " --windows 2 --context-len 128"
+    if words[:2] == ["saescope", "scope"]:
+        command = command.replace("--layers all", "--layers 0,17") + " --eval-windows 1 --buffer-rows 4096"
     if words[:2] == ["saescope", "browse"]:
         command += f" --port {port}"
     return command
@@ -92,7 +96,7 @@ def _browse_and_type(command: str, cwd: Path, env: dict, port: int) -> None:
 def test_commands_are_parsed_from_the_readme():
     commands = tour_commands((ROOT / "README.md").read_text())
     assert [shlex.split(c)[1] for c in commands] == ["sites", "cache", "train", "train", "train", "evaluate",
-                                                     "report", "dashboards", "browse", "steer", "export"]
+                                                     "report", "dashboards", "browse", "steer", "export", "scope"]
     assert not any("..." in c for c in commands)                 # nothing a newcomer would have to fill in
     assert not any("--model" in c for c in commands[2:])         # the store's model is recorded
 
@@ -116,3 +120,8 @@ def test_readme_tour_runs_as_typed(tmp_path):
     assert (tmp_path / "runs" / "x" / "report" / "index.html").is_file()
     assert (tmp_path / "runs" / "tc" / "suite" / "transcoder" / "layer_6").is_dir()
     assert any((tmp_path / "release").rglob("params.safetensors"))
+    scope = tmp_path / "runs" / "scope"
+    assert not list(scope.rglob("*.npy")) and not (scope / "activations").exists()       # streamed: no store
+    for layer in (0, 17):
+        assert any((scope / "release" / "resid_post_all").glob(f"layer_{layer}_width_*_l0_small"))
+        assert any((scope / "release" / "transcoder_all").glob(f"layer_{layer}_width_*_l0_big"))

@@ -4,8 +4,8 @@ Reads ``RUN_DIR/eval/table.json`` and writes, under ``RUN_DIR/report/``:
 
 * per site kind (``resid_post``, ``attn_out``, ``mlp_out``, ``transcoder``) four figures against layer:
   ``figures/fvu_by_layer_<site>.png``, ``delta_loss_by_layer_<site>.png`` (with the evaluator's confidence
-  interval as error bars when it gives one: ``delta_loss_ci = [low, high]`` or ``delta_loss_ci_low`` /
-  ``delta_loss_ci_high``), ``l0_by_layer_<site>.png`` and ``dead_dense_by_layer_<site>.png``; one line per width
+  bootstrap interval over windows as error bars, ``metrics.delta_loss_ci = {"lower", "upper", ...}``
+  from :func:`saescope.evaluate.metrics.bootstrap_delta_loss`), ``l0_by_layer_<site>.png`` and ``dead_dense_by_layer_<site>.png``; one line per width
   and target-L0 rank (small / medium / big when the ladder was used);
 * ``by_layer.json``: one row per SAE (site, layer, width, target L0, L0, FVU, Δ loss and its interval, dead and
   dense latents);
@@ -25,15 +25,16 @@ from typing import Any
 
 from saescope.errors import SaescopeError
 
-COLUMNS = ("site", "layer", "d_sae", "target_l0", "l0", "fvu", "delta_loss", "delta_loss_low", "delta_loss_high",
-           "dead", "dense", "name")
+COLUMNS = ("site", "layer", "d_sae", "target_l0", "l0", "fvu", "fvu_rest", "delta_loss", "delta_loss_low",
+           "delta_loss_high", "dead", "dense", "dense_l0_share", "name")
 
 
 def _interval(metrics: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """The evaluator's Δ loss interval (``delta_loss_ci``: a dict with ``lower``/``upper``), or (None, None)."""
     ci = metrics.get("delta_loss_ci")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        return ci[0], ci[1]
-    return metrics.get("delta_loss_ci_low"), metrics.get("delta_loss_ci_high")
+    if isinstance(ci, Mapping):
+        return ci.get("lower"), ci.get("upper")
+    return None, None
 
 
 def site_kind(result: Mapping[str, Any]) -> str:
@@ -50,6 +51,7 @@ def layer_rows(results: Sequence[Mapping[str, Any]], ladder: Sequence[str] | Non
         low, high = _interval(m)
         rows.append({"site": site_kind(r), "layer": int(r["layer"]), "d_sae": int(r["d_sae"]),
                      "target_l0": (r.get("training") or {}).get("target_l0"), "l0": m.get("l0"), "fvu": m.get("fvu"),
+                     "fvu_rest": m.get("fvu_rest"), "dense_l0_share": m.get("dense_l0_share"),
                      "delta_loss": m.get("delta_loss"), "delta_loss_low": low, "delta_loss_high": high,
                      "dead": m.get("dead"), "dense": m.get("dense"), "name": r["name"], "path": r.get("path")})
     rows.sort(key=lambda x: (x["site"], x["layer"], x["d_sae"], x["target_l0"] or 0.0, x["l0"] or 0.0))
