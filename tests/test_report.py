@@ -220,3 +220,34 @@ def test_cli_report_and_clear_errors(evaluated, tmp_path):
     assert empty.exit_code == 2 and "no SAEs found" in empty.output
     bad = runner.invoke(app, ["evaluate", str(run), "--windows", "0"])
     assert bad.exit_code == 2
+
+
+def test_delta_loss_frontier_draws_the_bootstrap_interval(evaluated):
+    """The Δ loss frontier's error bars are the evaluator's interval (table.json), point by point; the
+    per-domain table carries each domain's interval."""
+    from saescope.report.figures import frontier_lines
+
+    _, _, table = evaluated
+    results = table["results"]
+    lines = frontier_lines(results, "delta_loss")
+    by_l0 = {r["metrics"]["l0"]: r["metrics"] for r in results}
+    drawn = 0
+    for line in lines:
+        assert line["yerr"] is not None and "95% interval" in line["label"]
+        for x, y, down, up in zip(line["x"], line["y"], *line["yerr"]):
+            ci = by_l0[x]["delta_loss_ci"]
+            assert y == by_l0[x]["delta_loss"] and down >= 0 and up >= 0
+            assert down == pytest.approx(max(y - ci["lower"], 0.0), abs=1e-12)
+            assert up == pytest.approx(max(ci["upper"] - y, 0.0), abs=1e-12)
+            drawn += 1
+    assert drawn == len(results)
+    assert all(line["yerr"] is None for line in frontier_lines(results, "fvu"))    # FVU has no interval
+    no_ci = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "delta_loss_ci"}} for r in results]
+    assert all(line["yerr"] is None for line in frontier_lines(no_ci, "delta_loss"))
+    from saescope.report.html import _domain_rows
+
+    columns, rows = _domain_rows(results)
+    assert "delta_loss_lower" in columns and "fvu_rest" in columns
+    for row in rows:
+        r = next(r for r in results if r["name"] == row["sae"])
+        assert row["delta_loss_lower"] == r["domains"][row["domain"]]["delta_loss_ci"]["lower"]

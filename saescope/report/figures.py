@@ -43,16 +43,38 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def frontier_lines(results: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The lines of a frontier: per site/width group, ``x`` (L0), ``y`` (``metric``) and ``yerr`` — the
+    distances down and up to the bootstrap interval ``metrics.<metric>_ci`` (Δ loss) where every point of
+    the line has one, else None."""
+    lines = []
+    for label, rows in _groups(results).items():
+        pts = [(r["metrics"]["l0"], r["metrics"].get(metric), r["metrics"].get(f"{metric}_ci")) for r in rows]
+        pts = [(x, y, ci) for x, y, ci in pts if x is not None and y is not None]
+        if not pts:
+            continue
+        xs, ys, cis = zip(*pts)
+        yerr = None
+        if all(isinstance(ci, Mapping) and ci.get("lower") is not None and ci.get("upper") is not None
+               for ci in cis):
+            # a percentile interval need not contain the point estimate (few windows, rounding): clip at 0
+            yerr = [[max(y - ci["lower"], 0.0) for y, ci in zip(ys, cis)],
+                    [max(ci["upper"] - y, 0.0) for y, ci in zip(ys, cis)]]
+            label = f"{label} ({cis[0].get('confidence', 0.95):.0%} interval)"
+        lines.append({"label": label, "x": list(xs), "y": list(ys), "yerr": yerr})
+    return lines
+
+
 def frontier(results: Sequence[Mapping[str, Any]], metric: str, path: Path, *, ylabel: str,
              title: str, log_y: bool = False) -> Path:
-    """``metric`` against L0, one line with markers per site/width group."""
+    """``metric`` against L0, one line with markers per site/width group; Δ loss with its bootstrap interval
+    over windows as error bars (:func:`frontier_lines`)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for label, rows in _groups(results).items():
-        pts = [(r["metrics"]["l0"], r["metrics"].get(metric)) for r in rows]
-        pts = [(x, y) for x, y in pts if x is not None and y is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=label)
+    for line in frontier_lines(results, metric):
+        if line["yerr"] is not None:
+            ax.errorbar(line["x"], line["y"], yerr=line["yerr"], marker="o", capsize=3, label=line["label"])
+        else:
+            ax.plot(line["x"], line["y"], marker="o", label=line["label"])
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -61,13 +61,15 @@ def _table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], *, table_i
 
 
 def _domain_rows(results: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    columns = ["sae", "domain", "tokens", "l0", "fvu", "cosine", "clean_loss", "spliced_loss", "delta_loss",
-               "loss_recovered"]
+    columns = ["sae", "domain", "tokens", "l0", "fvu", "fvu_rest", "cosine", "clean_loss", "spliced_loss",
+               "delta_loss", "delta_loss_lower", "delta_loss_upper", "loss_recovered"]
     rows = []
     for r in results:
         for dom, m in sorted(r.get("domains", {}).items()):
+            ci = m.get("delta_loss_ci") or {}
             rows.append({"sae": r["name"], "domain": dom, "tokens": m.get("n_tokens"),
-                         **{c: m.get(c) for c in columns[3:]}})
+                         **{c: m.get(c) for c in columns[3:]},
+                         "delta_loss_lower": ci.get("lower"), "delta_loss_upper": ci.get("upper")})
     return columns, rows
 
 
