@@ -27,7 +27,7 @@ from saescope.formats.gemma_scope import width_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = {"--max-tokens": "12288", "--total-tokens": "8192",   # 2 steps of the default batch of 4096
-          "--tokens": "8192"}                                   # scope: 8 steps of its batch of 1024
+          "--tokens": "12288"}                                  # scope: 12 steps of its batch of 1024
 WIDTH = 512
 
 

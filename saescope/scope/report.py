@@ -103,7 +103,9 @@ def _figure(rows: Sequence[dict], site: str, metric: str, path: Path) -> Path:
             continue
         xs, ys = [m["layer"] for m in pts], [m[metric] for m in pts]
         if metric == "delta_loss" and all(_finite(m["delta_loss_low"]) and _finite(m["delta_loss_high"]) for m in pts):
-            err = [[y - m["delta_loss_low"] for y, m in zip(ys, pts)], [m["delta_loss_high"] - y for y, m in zip(ys, pts)]]
+            # a percentile interval need not contain the point estimate (one window, rounding): clip at 0
+            err = [[max(y - m["delta_loss_low"], 0.0) for y, m in zip(ys, pts)],
+                   [max(m["delta_loss_high"] - y, 0.0) for y, m in zip(ys, pts)]]
             ax.errorbar(xs, ys, yerr=err, fmt="-o", capsize=3, label=line[0])
         else:
             ax.plot(xs, ys, "-o", label=line[0])
