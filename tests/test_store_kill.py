@@ -4,13 +4,12 @@ atomic rename), re-run the same command, and get exactly the store an uninterrup
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kill_helpers import run_and_kill
 from store_synthetic import expected_rows, produce, read_store_with_safetensors
 
 from saescope.store import StoreIndex, verify_store
@@ -28,24 +27,14 @@ def run_until(out: Path, trigger: str, occurrence: int, pause: bool = True) -> b
 
     Returns False when the process finished before reaching that line."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    proc = subprocess.Popen([sys.executable, str(HERE / "store_synthetic.py"), str(out), str(N_CHUNKS),
-                             str(SHARD_ROWS), "bfloat16", "pause" if pause else "-"], stdout=subprocess.PIPE, text=True, env=env)
-    seen = 0
-    try:
-        for line in proc.stdout:
-            if line.startswith(trigger):
-                seen += 1
-                if seen == occurrence:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    return True
-    finally:
-        proc.stdout.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == 0
-    return False
+    seen = [0]
+
+    def reached(line: str) -> bool:
+        seen[0] += line.startswith(trigger)
+        return seen[0] == occurrence and line.startswith(trigger)
+
+    return run_and_kill([sys.executable, str(HERE / "store_synthetic.py"), str(out), str(N_CHUNKS),
+                         str(SHARD_ROWS), "bfloat16", "pause" if pause else "-"], env, reached)
 
 
 @pytest.mark.parametrize("kills", [

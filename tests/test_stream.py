@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kill_helpers import run_and_kill
 from store_synthetic import read_store_with_safetensors
 from stream_helpers import (
     BATCH,
@@ -170,21 +169,8 @@ def test_streaming_training_equals_training_on_the_store_in_the_same_order(store
 # ------------------------------------------------------------------------------------ a real killed process
 def run_worker(out: Path, trace: Path, tokens: int, kill_at: int | None) -> bool:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(HERE / "stream_worker.py"), str(out), str(trace), str(tokens)],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        for line in proc.stdout:
-            if kill_at is not None and line.strip() == f"batch {kill_at}":
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return True
-    finally:
-        proc.stdout.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == 0
-    return False
+    return run_and_kill([sys.executable, str(HERE / "stream_worker.py"), str(out), str(trace), str(tokens)], env,
+                        lambda line: kill_at is not None and line.strip() == f"batch {kill_at}")
 
 
 def read_trace(path: Path) -> list[dict]:
