@@ -72,9 +72,21 @@ def token_cross_entropy(
     losses = torch.empty(flat_targets.shape[0], dtype=torch.float32, device=flat_hidden.device)
     for start in range(0, flat_targets.shape[0], chunk_size):
         stop = start + chunk_size
-        logits = _softcap(unembed(flat_hidden[start:stop]).float(), softcap)
+        logits = unembed(flat_hidden[start:stop]).float()
+        if logits.requires_grad:  # under autograd (run_with_splice(grad=True)): out-of-place ops
+            logits = _softcap(logits, softcap)
+            picked = logits.gather(-1, flat_targets[start:stop, None]).squeeze(-1)
+            losses[start:stop] = torch.logsumexp(logits, dim=-1) - picked
+            continue
+        # no gradient: the same max-shifted logsumexp, in place on the chunk's logits (no [chunk, vocab]
+        # temporaries; the unembedding into a 262k vocabulary dominates an evaluation's time)
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
         picked = logits.gather(-1, flat_targets[start:stop, None]).squeeze(-1)
-        losses[start:stop] = torch.logsumexp(logits, dim=-1) - picked
+        peak = logits.amax(dim=-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+        losses[start:stop] = lse - picked
     return losses.reshape(targets.shape)
 
 

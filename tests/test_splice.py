@@ -44,20 +44,26 @@ def test_clean_run_loss_matches_reference_cross_entropy(arch):
     assert out.mean_loss() == pytest.approx(float(_reference_loss(clean, ids).mean()), rel=1e-5)
 
 
-def test_token_cross_entropy_chunks_agree_with_float64_reference():
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "in-place"])
+@pytest.mark.parametrize("scale", [1.0, 60.0])          # 60: logits in the hundreds (exp overflows unshifted)
+def test_token_cross_entropy_chunks_agree_with_float64_reference(grad, scale):
+    """Both paths — out-of-place under autograd, in place without it — equal float64 cross-entropy."""
     generator = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2, 7, 16, generator=generator)
+    hidden = torch.randn(2, 7, 16, generator=generator) * scale
     unembed = torch.nn.Linear(16, 300, bias=False)
     targets = torch.randint(0, 300, (2, 7), generator=generator)
-    reference = F.cross_entropy(unembed(hidden).double().reshape(-1, 300), targets.reshape(-1),
-                                reduction="none").reshape(2, 7)
-    for chunk in (1, 3, 14, 1000):
-        got = token_cross_entropy(hidden, targets, unembed, chunk_size=chunk)
-        torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
-    capped = token_cross_entropy(hidden, targets, unembed, softcap=2.0, chunk_size=4)
-    reference_capped = F.cross_entropy((2.0 * torch.tanh(unembed(hidden) / 2.0)).double().reshape(-1, 300),
+    with torch.no_grad():
+        logits64 = unembed(hidden).double()
+    reference = F.cross_entropy(logits64.reshape(-1, 300), targets.reshape(-1), reduction="none").reshape(2, 7)
+    reference_capped = F.cross_entropy((2.0 * torch.tanh(logits64 / 2.0)).reshape(-1, 300),
                                        targets.reshape(-1), reduction="none").reshape(2, 7)
-    torch.testing.assert_close(capped.double(), reference_capped, rtol=1e-5, atol=1e-5)
+    with torch.set_grad_enabled(grad):
+        for chunk in (1, 3, 14, 1000):
+            got = token_cross_entropy(hidden, targets, unembed, chunk_size=chunk)
+            assert got.requires_grad == grad
+            torch.testing.assert_close(got.detach().double(), reference, rtol=1e-5, atol=1e-5 * scale)
+        capped = token_cross_entropy(hidden, targets, unembed, softcap=2.0, chunk_size=4)
+    torch.testing.assert_close(capped.detach().double(), reference_capped, rtol=1e-5, atol=1e-5)
 
 
 def test_token_cross_entropy_materialises_only_chunk_rows():
