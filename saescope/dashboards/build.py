@@ -197,16 +197,16 @@ def dashboards_for(path: str | Path, *, store: str | Path | None = None, model: 
     """Build dashboards for the SAE at ``path``, or for every SAE of a run directory, into
     ``<sae folder>/dashboards``. The store defaults to ``<run>/activations``; the model (tokenizer and
     unembedding) to each SAE's ``config.model``. Inputs are checked for all SAEs before any long work."""
-    from saescope.browse.server import find_saes
     from saescope.dashboards.store_reader import open_store
     from saescope.formats import load_sae
     from saescope.models import load_model
+    from saescope.suite import sae_folders
 
     path = Path(path)
     if (path / "saescope.json").is_file() or not path.is_dir():
         folders = [path]
     else:
-        folders = [entry.folder for entry in find_saes(path)]
+        folders = sae_folders(path)
     jobs = []
     for folder in folders:
         sae = load_sae(folder, device=device)

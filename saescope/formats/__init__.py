@@ -26,6 +26,7 @@ from saescope.formats.hub import hub_folder, looks_like_repo_id
 from saescope.formats.native import is_native, load_native, save_native
 from saescope.formats.saelens import is_saelens, load_saelens, save_saelens
 from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.saving import register_saver
 
 FORMATS = ("native", "gemma-scope", "gemma-scope-2", "saelens")
 _SAVERS = {"native": save_native, "gemma-scope": save_gemma_scope, "gemma-scope-2": save_gemma_scope_2,
@@ -87,5 +88,7 @@ def load_sae(path: str | Path, *, format: str | None = None, expect_d_in: int | 
         detected = format
     return _LOADERS[detected](path_folder, expect_d_in=expect_d_in, device=device)
 
+
+register_saver(save_sae)  # JumpReLUSAE.save writes through this layer (saescope.sae.saving)
 
 __all__ = ["FORMATS", "detect_format", "load_sae", "save_sae"]

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from saescope import __version__
 from saescope.config import SAEConfig
 from saescope.errors import SAEFileError
 from saescope.formats.checks import check_parameters, read_json, read_safetensors
 from saescope.formats.gemma_scope import width_name
 from saescope.formats.modules import module_from_parameters
 from saescope.sae.jumprelu import JumpReLUSAE, dtype_name
+from saescope.version import __version__
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"

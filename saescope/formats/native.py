@@ -16,13 +16,13 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from saescope import __version__
 from saescope.config import SAEConfig
 from saescope.errors import SAEFileError
 from saescope.formats.checks import check_parameters, read_json, read_safetensors
 from saescope.formats.modules import module_from_parameters, upgrade_legacy_config
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.transcoder import SKIP_NAME
+from saescope.version import __version__
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "saescope.json"

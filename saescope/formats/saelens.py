@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from saescope import __version__
 from saescope.config import SAEConfig
 from saescope.errors import SAEFileError
 from saescope.formats.checks import check_parameters, read_json, read_safetensors
 from saescope.formats.modules import module_from_parameters
 from saescope.sae.jumprelu import JumpReLUSAE, dtype_name
 from saescope.sae.transcoder import SKIP_NAME
+from saescope.version import __version__
 
 ARCHITECTURES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")   # SAELens names = ours
 CFG_FILE = "cfg.json"

@@ -31,6 +31,7 @@ from torch import nn
 
 from saescope.config import SAEConfig
 from saescope.sae.losses import matryoshka_reconstruction, quadratic_l0_penalty
+from saescope.sae.saving import save_module
 from saescope.sae.ste import heaviside, jumprelu
 
 DEFAULT_THRESHOLD = 0.001  # recipe §2: initial θ
@@ -250,9 +251,7 @@ class JumpReLUSAE(nn.Module):
     def save(self, path: str | Path, format: str = "native") -> Path:
         """Write the SAE to the folder ``path`` in ``"native"``, ``"gemma-scope"``, ``"gemma-scope-2"``
         or ``"saelens"`` format; returns the folder. See :mod:`saescope.formats`."""
-        from saescope.formats import save_sae
-
-        return save_sae(self, path, format=format)
+        return save_module(self, path, format=format)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The five parameters by their paper names (detached)."""

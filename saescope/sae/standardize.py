@@ -13,9 +13,12 @@ The arithmetic is done in float64 and cast back to each parameter's dtype.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from saescope.sae.jumprelu import JumpReLUSAE
+if TYPE_CHECKING:  # the SAE module calls this one (JumpReLUSAE.standardize): no import back at run time
+    from saescope.sae.jumprelu import JumpReLUSAE
 
 
 @torch.no_grad()
@@ -49,7 +52,7 @@ def standardize(sae: JumpReLUSAE) -> JumpReLUSAE:
         return sae.standardize()
     config = sae.config.model_copy(update={"norm_scale": 1.0, "apply_b_dec_to_input": False,
                                            "standardized": True})
-    out = JumpReLUSAE(sae.d_in, sae.d_sae, dtype=sae.dtype, device=sae.device, config=config, seed=0)
+    out = type(sae)(sae.d_in, sae.d_sae, dtype=sae.dtype, device=sae.device, config=config, seed=0)
     for name, value in standardized_parameters(sae).items():
         target = getattr(out, name)
         target.copy_(value.to(dtype=target.dtype, device=target.device))
@@ -69,7 +72,7 @@ def fold_norm_scale(sae: JumpReLUSAE) -> JumpReLUSAE:
     C = float(sae.config.norm_scale)
     config = sae.config.model_copy(update={"norm_scale": 1.0,
                                            "standardized": not sae.config.apply_b_dec_to_input})
-    out = JumpReLUSAE(sae.d_in, sae.d_sae, dtype=sae.dtype, device=sae.device, config=config, seed=0)
+    out = type(sae)(sae.d_in, sae.d_sae, dtype=sae.dtype, device=sae.device, config=config, seed=0)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         value = getattr(sae, name).detach().to(torch.float64)
         if name in ("b_enc", "b_dec", "threshold"):

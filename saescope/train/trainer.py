@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saescope import __version__, distributed
+from saescope import distributed
 from saescope.config import Site
 from saescope.errors import SaescopeError
 from saescope.sae.jumprelu import JumpReLUSAE
@@ -53,6 +53,7 @@ from saescope.train.decoder_norm import normalize_rows, project_out_parallel_gra
 from saescope.train.fast_path import dense_training_step, sparse_training_step
 from saescope.train.optim import Adam
 from saescope.train.schedules import learning_rate, sparsity_coefficient
+from saescope.version import __version__
 
 
 class TrainingInterrupted(SaescopeError):
