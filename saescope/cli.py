@@ -328,10 +328,15 @@ def steer(
     typer.echo(format_side_by_side(result, latent, coefficient))
 
 
+def _default(config: Any, name: str) -> Any:
+    """A config field's default, so a flag and the library share one value."""
+    return config.model_fields[name].get_default(call_default_factory=True)
+
+
 def _eval_default(name: str) -> Any:
     from saescope.evaluate.run import EvalConfig
 
-    return EvalConfig.model_fields[name].get_default(call_default_factory=True)
+    return _default(EvalConfig, name)
 
 
 @app.command()
@@ -414,7 +419,7 @@ def report(run_dir: Path = typer.Argument(..., help="run directory evaluated by 
 def _demo_default(name: str) -> Any:
     from saescope.demo import DemoConfig
 
-    return DemoConfig.model_fields[name].get_default(call_default_factory=True)
+    return _default(DemoConfig, name)
 
 
 @app.command()

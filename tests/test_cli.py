@@ -46,3 +46,24 @@ def test_bad_input_exits_2_with_a_message(tmp_path):
     _, folder = _sae(tmp_path)
     result = runner.invoke(app, ["convert", str(folder), str(tmp_path / "x"), "--to", "onnx"])
     assert result.exit_code == 2 and "unknown format 'onnx'" in result.output
+
+
+def test_demo_and_evaluate_flags_default_to_their_configs():
+    """The flags read their defaults from DemoConfig / EvalConfig, so the CLI and the library cannot drift."""
+    import typer.main
+
+    from saescope.demo import DemoConfig
+    from saescope.evaluate.run import EvalConfig
+
+    commands = typer.main.get_command(app).commands
+    pairs = {"demo": (DemoConfig, {}), "evaluate": (EvalConfig, {"windows": "windows_per_domain"})}
+    for command, (config, renamed) in pairs.items():
+        checked = 0
+        for param in commands[command].params:
+            field = renamed.get(param.name, param.name)
+            if field in config.model_fields and param.name != "lambdas":   # --lambda unset: the config's list
+                expected = config.model_fields[field].get_default(call_default_factory=True)
+                default = param.default
+                assert (list(default) if isinstance(expected, list) else default) == expected, (command, field)
+                checked += 1
+        assert checked >= 6, (command, checked)
