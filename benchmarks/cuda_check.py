@@ -31,6 +31,7 @@ from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import SAESpec, TrainConfig, Trainer
 from saescope.train.fast_path import dense_training_step, sparse_training_step
 from saescope.train.sources import TensorBatchSource
+from saescope.train.step import LossOptions, SAEParams
 
 
 def _sync(device: str) -> None:
@@ -51,7 +52,8 @@ def check_step(device: str, d_in: int, d_sae: int, batch: int) -> float:
              ("sae", True, {"target_l0": 5.0}),
              ("sae", True, {"matryoshka_prefixes": [d_sae // 8, d_sae // 2, d_sae],
                             "matryoshka_weights": [0.5, 1.0, 2.0]}),
-             ("skip", False, {"target_l0": 5.0}))
+             ("skip", False, {"target_l0": 5.0}),
+             ("sae", True, {"target_l0": 5.0, "frequency_penalty": 2.0, "frequency_cap": 0.01}))
     for kind, pre_bias, options in cases:
         if kind == "sae":
             ref = JumpReLUSAE(d_in, d_sae, 1.0, dtype=torch.float64, apply_b_dec_to_input=pre_bias, seed=1,
@@ -79,13 +81,13 @@ def check_step(device: str, d_in: int, d_sae: int, batch: int) -> float:
                 theta = theta + 3e-4 * near
             ref.threshold.copy_(theta)
         inside = int(((z - ref.threshold).abs() < 0.025).sum())
-        dense = dense_training_step(ref, x, 0.01, y, **options)
-        p = {k: getattr(ref, k).detach().float().to(device) for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
-        if kind == "skip":
-            options = {**options, "W_skip": ref.W_skip.detach().float().to(device)}
-        sparse = sparse_training_step(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], p["threshold"],
-                                      x.float().to(device), None if y is None else y.float().to(device), 0.01, 0.05,
-                                      ref.config.apply_b_dec_to_input, **options)
+        loss = LossOptions(0.01, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        dense = dense_training_step(ref, x, loss, y)
+        on_device = SAEParams.of(ref)
+        on_device = SAEParams(**{k: v.float().to(device) if isinstance(v, torch.Tensor) else v
+                                 for k, v in vars(on_device).items()})
+        sparse = sparse_training_step(on_device, x.float().to(device), None if y is None else y.float().to(device),
+                                      loss)
         errs = {k: _rel(sparse.grads[k], dense.grads[k]) for k in dense.grads}
         errs["loss"] = abs(sparse.loss - dense.loss) / abs(dense.loss)
         worst = max(worst, *errs.values())

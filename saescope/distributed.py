@@ -29,7 +29,7 @@ size. Outside ``torch.distributed`` (the default) none of this code runs.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +38,9 @@ import torch
 import torch.distributed as dist
 
 from saescope.errors import SaescopeError
+from saescope.sae.losses import CountReducer, LossOptions, as_loss_options, check_prefixes, frequency_loss
 from saescope.sae.ste import heaviside, jumprelu
+from saescope.train.step import StepResult
 
 # ---------------------------------------------------------------------- process group
 
@@ -141,6 +143,16 @@ def _comm_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
+def count_reducer(group: Any) -> CountReducer:
+    """Sums the frequency penalty's ``[firing counts…, rows]`` vector over ``group`` (the data ranks), so each
+    rank's step uses the global batch's firing frequencies (:func:`saescope.sae.losses.frequency_term`)."""
+    def reduce(counts: torch.Tensor) -> torch.Tensor:
+        on = counts.to(_comm_device(group))
+        dist.all_reduce(on, group=group)
+        return on.to(counts.device)
+    return reduce
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -187,11 +199,9 @@ def copy_to_shards(replica: torch.Tensor, group: Any = None) -> torch.Tensor:
     return _CopyToShards.apply(replica, group)
 
 
-def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: float,
+def sharded_training_step(module, x_raw: torch.Tensor, loss: LossOptions | float,
                           target_raw: torch.Tensor | None, group: Any, *, latent_offset: int = 0,
-                          d_sae: int | None = None, target_l0: float | None = None,
-                          matryoshka_prefixes: Sequence[int] | None = None,
-                          matryoshka_weights: Sequence[float] | None = None):
+                          d_sae: int | None = None, reduce_counts: CountReducer | None = None) -> StepResult:
     """The dense JumpReLU step (recipe §1) of one latent shard: same loss and, for this shard's parameters,
     the same gradients as ``module.training_forward(...).loss.backward()`` on the whole SAE.
 
@@ -203,17 +213,17 @@ def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: flo
     ``d_sae`` latents; this shard holds ``latent_offset …``) send one partial decoder sum per block of
     latents, ``[B, K, d]``, and the prefix reconstructions are their cumulative sums; a skip transcoder's
     ``x W_skip`` is added on every rank (``W_skip`` is replicated, so its gradient is the same everywhere).
+    The frequency penalty is a sum over latents: each shard computes its own latents' part (the firing counts
+    summed over data ranks by ``reduce_counts``) and it travels as one more column of that all_reduce.
     """
-    from saescope.sae.losses import check_prefixes, quadratic_l0_penalty
-    from saescope.train.fast_path import StepResult
-
+    options = as_loss_options(loss)
     m = module
     local = m.W_dec.shape[0]
     d_sae = local if d_sae is None else d_sae
-    if matryoshka_prefixes is None:
+    if options.matryoshka_prefixes is None:
         bounds, weights = [(0, local)], [1.0]
     else:                           # block j's latents that this shard holds, in local indices
-        sizes, weights = check_prefixes(matryoshka_prefixes, matryoshka_weights, d_sae)
+        sizes, weights = check_prefixes(options.matryoshka_prefixes, options.matryoshka_weights, d_sae)
         starts = [0, *sizes[:-1]]
         bounds = [(min(max(lo - latent_offset, 0), local), min(max(hi - latent_offset, 0), local))
                   for lo, hi in zip(starts, sizes)]
@@ -227,21 +237,30 @@ def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: flo
         xc = x - copy_to_shards(m.b_dec, group) if m.config.apply_b_dec_to_input else x
         z = xc @ m.W_enc + m.b_enc
         f = jumprelu(z, m.threshold, m.config.bandwidth)
-        l0_partial = heaviside(z, m.threshold, m.config.bandwidth).sum(dim=-1)
+        active = heaviside(z, m.threshold, m.config.bandwidth)
+        l0_partial = active.sum(dim=-1)
         f = f.to(m.dtype)
         blocks = [f[:, lo:hi] @ m.W_dec[lo:hi] for lo, hi in bounds]     # [B, d] each (zeros if none held)
         partial = torch.cat(blocks, dim=1)
         wide = torch.promote_types(partial.dtype, l0_partial.dtype)
-        summed = reduce_from_shards(torch.cat([partial.to(wide), l0_partial.to(wide).unsqueeze(1)], dim=1), group)
+        columns = [partial.to(wide), l0_partial.to(wide).unsqueeze(1)]
+        if options.frequency:           # this shard's latents' part of F, the same on every row
+            columns.append(frequency_loss(active, options, reduce_counts).to(wide).expand(x.shape[0], 1))
+        summed = reduce_from_shards(torch.cat(columns, dim=1), group)
+        frequency = summed[:, -1].mean() if options.frequency else None
+        if options.frequency:
+            summed = summed[:, :-1]
         d_out = m.W_dec.shape[1]
         base = m.b_dec if W_skip is None else m.b_dec + x @ W_skip
         prefixes = summed[:, :-1].to(m.dtype).view(x.shape[0], len(bounds), d_out).cumsum(dim=1)
         l0 = summed[:, -1]
         squared = (target.unsqueeze(1) - (prefixes + base.unsqueeze(-2))).pow(2).sum(dim=-1)    # [B, K]
         reconstruction = squared @ torch.tensor(weights, dtype=squared.dtype, device=squared.device)
-        penalty = l0 if target_l0 is None else quadratic_l0_penalty(l0, target_l0)
-        loss = (reconstruction + sparsity_coefficient * penalty).mean()
-        loss.backward()
+        lam = options.sparsity_coefficient
+        loss_value = (reconstruction + lam * options.token_penalty(l0)).mean()
+        if frequency is not None:
+            loss_value = loss_value + lam * frequency
+        loss_value.backward()
         with torch.no_grad():
             centred = target - target.mean(dim=0)
             fired = (f != 0).any(dim=0)
@@ -251,7 +270,7 @@ def sharded_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: flo
         for p in m.parameters():
             p.grad = None
             p.requires_grad_(False)
-    return StepResult(loss=float(loss.detach()), reconstruction=float(reconstruction.detach().mean()),
+    return StepResult(loss=float(loss_value.detach()), reconstruction=float(reconstruction.detach().mean()),
                       l0=float(l0.detach().to(torch.float64).mean()), total_variance=float(centred.pow(2).sum()),
                       fired=fired, grads=grads, full_reconstruction=float(squared[:, -1].detach().mean()))
 

@@ -13,9 +13,8 @@ from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import sparse_kernels
 from saescope.train.fast_path import dense_training_step, sparse_training_step
+from tests.loss_cases import PARAMS, loss, params
 from tests.threshold_margins import clear_decision_edges
-
-PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
 @pytest.fixture(autouse=True, params=["compiled", "torch"])
@@ -69,7 +68,7 @@ def test_sparse_step_equals_dense_sae(dtype, rtol, atol, apply_b_dec):
     lam = 0.37
     dense = dense_training_step(sae, x_raw, lam)
     x = sae.normalize(x_raw)
-    fast = sparse_training_step(*(getattr(sae, n).detach() for n in PARAMS), x, None, lam, bandwidth, apply_b_dec)
+    fast = sparse_training_step(params(sae, bandwidth, apply_b_dec), x, None, lam)
     assert fast.loss == pytest.approx(dense.loss, rel=rtol)
     assert fast.l0 == pytest.approx(dense.l0, rel=1e-12)
     assert fast.reconstruction == pytest.approx(dense.reconstruction, rel=rtol)
@@ -86,7 +85,7 @@ def test_sparse_step_threshold_gradient_from_latent_just_below_threshold():
         sae.W_enc.copy_(torch.eye(4, 2, dtype=torch.float64))
         sae.threshold.fill_(1.0)
     x = torch.tensor([[0.98, -5.0, 0.0, 0.0]], dtype=torch.float64)   # z0 = 0.98: below θ, inside the window
-    fast = sparse_training_step(*(getattr(sae, n).detach() for n in PARAMS), x, None, 2.0, 0.1, False)
+    fast = sparse_training_step(params(sae, 0.1, False), x, None, 2.0)
     # ∂/∂θ0 of λ·H = −λ/ε·K = −2/0.1 = −20 (batch of 1); no reconstruction term (f = 0 ⇒ g_f·0 window weight
     # still counts: −θ/ε·g_f); recompute g_f independently
     g_f0 = float(2 * (sae.b_dec.detach() - x[0]) @ sae.W_dec.detach()[0])
@@ -106,8 +105,7 @@ def test_sparse_step_equals_dense_transcoder(dtype, rtol, atol):
     pairs = _pairs(tc, x_raw, bandwidth)
     assert min(pairs.values()) >= 20, pairs
     dense = dense_training_step(tc, x_raw, 0.2, y_raw)
-    fast = sparse_training_step(*(getattr(tc, n).detach() for n in PARAMS), tc.normalize(x_raw),
-                                tc.normalize_target(y_raw), 0.2, bandwidth, False)
+    fast = sparse_training_step(params(tc, bandwidth, False), tc.normalize(x_raw), tc.normalize_target(y_raw), 0.2)
     assert fast.loss == pytest.approx(dense.loss, rel=rtol)
     for name in PARAMS:
         torch.testing.assert_close(fast.grads[name], dense.grads[name], rtol=rtol, atol=atol, msg=name)
@@ -119,7 +117,7 @@ def test_sparse_step_with_no_active_latents():
         sae.threshold.fill_(100.0)
     x = torch.randn(5, 6, dtype=torch.float64)
     dense = dense_training_step(sae, x, 0.5)
-    fast = sparse_training_step(*(getattr(sae, n).detach() for n in PARAMS), x, None, 0.5, 0.001, True)
+    fast = sparse_training_step(params(sae, 0.001, True), x, None, 0.5)
     assert fast.l0 == 0.0
     assert fast.loss == pytest.approx(dense.loss, rel=1e-12)
     for name in PARAMS:
@@ -129,11 +127,16 @@ def test_sparse_step_with_no_active_latents():
 # ---------------------------------------------------------------------- Gemma Scope 2 loss options
 
 
+RUNTIME = ("kernels", "project_decoder_gradient", "reuse_gradient_buffers", "reduce_counts")
+
+
 def _fast(module, x_raw, lam, bandwidth, target_raw=None, **options):
     x = module.normalize(x_raw)
     target = module.normalize_target(target_raw) if target_raw is not None else None
-    return sparse_training_step(*(getattr(module, n).detach() for n in PARAMS), x, target, lam, bandwidth,
-                                module.config.apply_b_dec_to_input, **options)
+    runtime = {k: options.pop(k) for k in RUNTIME if k in options}
+    W_skip = options.pop("W_skip", None)
+    return sparse_training_step(params(module, bandwidth, W_skip=W_skip), x, target, loss(lam, **options),
+                                **runtime)
 
 
 def _assert_same(fast, dense, rtol, atol, names=PARAMS):
@@ -173,7 +176,7 @@ def test_sparse_step_equals_dense_with_target_l0(dtype, rtol, atol, apply_b_dec)
     target_l0 = float(l0.median()) + 0.5
     assert (l0 > target_l0).sum() >= 20 and (l0 < target_l0).sum() >= 20    # tokens on both sides
     lam = 0.37
-    dense = dense_training_step(sae, x_raw, lam, target_l0=target_l0)
+    dense = dense_training_step(sae, x_raw, loss(lam, target_l0=target_l0))
     fast = _fast(sae, x_raw, lam, 0.05, target_l0=target_l0)
     _assert_same(fast, dense, rtol, atol)
     plain = _fast(sae, x_raw, lam, 0.05)
@@ -190,8 +193,8 @@ def test_sparse_step_equals_dense_with_matryoshka(dtype, rtol, atol, apply_b_dec
         sub = _pairs_in(sae, x_raw, 0.05, lo, hi)
         assert min(sub.values()) >= 3, (lo, hi, sub)
     lam = 0.21
-    dense = dense_training_step(sae, x_raw, lam, target_l0=target_l0, matryoshka_prefixes=prefixes,
-                                matryoshka_weights=weights)
+    dense = dense_training_step(sae, x_raw, loss(lam, target_l0=target_l0, matryoshka_prefixes=prefixes,
+                                                 matryoshka_weights=weights))
     fast = _fast(sae, x_raw, lam, 0.05, target_l0=target_l0, matryoshka_prefixes=prefixes,
                  matryoshka_weights=weights)
     _assert_same(fast, dense, rtol, atol)
@@ -249,18 +252,18 @@ def test_sparse_step_with_skip_connection_equals_reference(options):
     assert min(_pairs(tc, x_raw, bandwidth).values()) >= 20
     W_skip = torch.randn(16, 12, generator=gen, dtype=torch.float64) * 0.3
     x, y = tc.normalize(x_raw), tc.normalize_target(y_raw)
-    params = {n: getattr(tc, n).detach() for n in PARAMS}
-    loss, expected = _reference_step({**params, "W_skip": W_skip}, x, y, 0.2, bandwidth, False,
-                                     target_l0=options.get("target_l0"),
-                                     prefixes=options.get("matryoshka_prefixes"),
-                                     weights=options.get("matryoshka_weights"))
-    fast = sparse_training_step(*params.values(), x, y, 0.2, bandwidth, False, W_skip=W_skip, **options)
-    assert fast.loss == pytest.approx(loss, rel=1e-10)
+    tensors = {n: getattr(tc, n).detach() for n in PARAMS}
+    value, expected = _reference_step({**tensors, "W_skip": W_skip}, x, y, 0.2, bandwidth, False,
+                                      target_l0=options.get("target_l0"),
+                                      prefixes=options.get("matryoshka_prefixes"),
+                                      weights=options.get("matryoshka_weights"))
+    fast = sparse_training_step(params(tc, bandwidth, False, W_skip=W_skip), x, y, loss(0.2, **options))
+    assert fast.loss == pytest.approx(value, rel=1e-10)
     assert set(fast.grads) == {*PARAMS, "W_skip"}
     for name, grad in expected.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(fast.grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
-    without = sparse_training_step(*params.values(), x, y, 0.2, bandwidth, False, **options)
+    without = sparse_training_step(params(tc, bandwidth, False), x, y, loss(0.2, **options))
     assert "W_skip" not in without.grads and abs(without.loss - fast.loss) > 1e-3
 
 
@@ -277,23 +280,23 @@ def test_quadratic_threshold_gradient_by_hand():
     # token 0: latents 0,1,2 active (1.5, 1.02 in the window above θ, 2.0), latent 3 at 0.97 (window below)
     #   → L0 = 3 > target; token 1: latent 1 at 0.99 (window below), others far below → L0 = 0 < target
     x = torch.tensor([[1.5, 1.02, 2.0, 0.97, 0.1], [0.2, 0.99, -1.0, 0.0, 0.3]], dtype=torch.float64)
-    fast = sparse_training_step(W_enc, b_enc, W_dec, b_dec, threshold, x, None, lam, eps, False,
-                                target_l0=target_l0)
+    fast = sparse_training_step(params(tensors=(W_enc, b_enc, W_dec, b_dec, threshold), bandwidth=eps,
+                                       apply_b_dec=False), x, None, loss(lam, target_l0=target_l0))
     B = 2
     f = [[1.5, 1.02, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
     l0 = [3, 0]
     expected_theta = [0.0] * 4
-    loss = 0.0
+    value = 0.0
     for b in range(B):
         x_hat = [sum(f[b][i] * float(W_dec[i, d]) for i in range(4)) for d in range(5)]
         residual = [x_hat[d] - float(x[b, d]) for d in range(5)]
-        loss += (sum(r * r for r in residual) + lam * (2.0 / target_l0) * (l0[b] - target_l0) ** 2) / B
+        value += (sum(r * r for r in residual) + lam * (2.0 / target_l0) * (l0[b] - target_l0) ** 2) / B
         for i in range(4):
             z = float(x[b, i])
             if abs(z - theta) / eps < 0.5:
                 g_f = sum(2.0 / B * residual[d] * float(W_dec[i, d]) for d in range(5))
                 expected_theta[i] += g_f * (-theta / eps) - lam / B / eps * (4.0 / target_l0) * (l0[b] - target_l0)
-    assert fast.loss == pytest.approx(loss, rel=1e-12)
+    assert fast.loss == pytest.approx(value, rel=1e-12)
     assert fast.l0 == 1.5
     assert expected_theta[1] != 0 and expected_theta[3] != 0 and expected_theta[0] == 0
     torch.testing.assert_close(fast.grads["threshold"], torch.tensor(expected_theta, dtype=torch.float64),
@@ -364,7 +367,7 @@ def test_sparse_step_with_token_groups_equals_plain_search(monkeypatch, group, o
     monkeypatch.setattr(torch, "amax", lambda *a, **k: calls.append(1) or amax(*a, **k))
     grouped = _fast(sae, x_raw, 0.3, 0.05, **options)
     assert calls                                             # the grouped search ran
-    dense = dense_training_step(sae, x_raw, 0.3, **{k: v for k, v in options.items() if k != "kernels"})
+    dense = dense_training_step(sae, x_raw, loss(0.3, **{k: v for k, v in options.items() if k != "kernels"}))
     _assert_same(grouped, dense, 1e-4, 2e-5)
     assert grouped.loss == plain.loss
     for name in PARAMS:
@@ -415,7 +418,40 @@ def test_sparse_step_equals_dense_skip_transcoder(dtype, rtol, atol, target_l0):
     with torch.no_grad():
         tc.W_skip.copy_(torch.randn(16, 12, generator=gen, dtype=torch.float64).to(dtype) * 0.3)
     assert min(_pairs(tc, x_raw, bandwidth).values()) >= 20
-    dense = dense_training_step(tc, x_raw, 0.2, y_raw, target_l0=target_l0)
+    dense = dense_training_step(tc, x_raw, loss(0.2, target_l0=target_l0), y_raw)
     assert set(dense.grads) == {*PARAMS, "W_skip"}
     fast = _fast(tc, x_raw, 0.2, bandwidth, y_raw, target_l0=target_l0, W_skip=tc.W_skip.detach())
     _assert_same(fast, dense, rtol, atol, names=(*PARAMS, "W_skip"))
+
+
+# ---------------------------------------------------------------------- every loss option, one list
+
+
+def test_loss_cases_cover_every_option():
+    """tests/loss_cases.py exercises every field of LossOptions: a new option cannot skip the equivalence tests."""
+    from dataclasses import fields
+
+    from saescope.sae.losses import LossOptions
+    from tests.loss_cases import LOSS_CASES
+
+    covered = {key for case in LOSS_CASES.values() for key in case}
+    missing = {f.name for f in fields(LossOptions)} - {"sparsity_coefficient"} - covered
+    assert not missing, f"add a case for {sorted(missing)} to tests/loss_cases.py"
+
+
+@pytest.mark.parametrize(("dtype", "rtol", "atol"), TOLERANCES)
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("case", list(__import__("tests.loss_cases", fromlist=["LOSS_CASES"]).LOSS_CASES))
+def test_sparse_step_equals_dense_for_every_loss_case(dtype, rtol, atol, apply_b_dec, case):
+    """The sparse step (compiled kernels and torch ops, by the autouse fixture) = the dense autograd step, for
+    every case of tests/loss_cases.py (every LossOptions field)."""
+    from tests.loss_cases import LOSS_CASES
+
+    sae, x_raw = _spread_sae(dtype, apply_b_dec)
+    options = LOSS_CASES[case]
+    dense = dense_training_step(sae, x_raw, loss(0.31, **options))
+    fast = _fast(sae, x_raw, 0.31, 0.05, **options)
+    _assert_same(fast, dense, rtol, atol)
+    if case != "plain":
+        plain = _fast(sae, x_raw, 0.31, 0.05)
+        assert abs(plain.loss - fast.loss) > 1e-3                    # the option changed the loss

@@ -10,6 +10,7 @@ import torch
 
 from saescope import JumpReLUSAE
 from saescope.sae.losses import check_prefixes, matryoshka_reconstruction, quadratic_l0_penalty
+from tests.loss_cases import loss
 
 C, LAM, BAND, TARGET = 2.5, 0.2, 0.4, 6.0
 D_IN, D_SAE, N = 10, 24, 48
@@ -33,7 +34,7 @@ def inputs(seed=1):
 
 def grads(sae, **kw):
     sae.zero_grad()
-    out = sae.training_forward(inputs(), LAM, **kw)
+    out = sae.training_forward(inputs(), loss(LAM, **kw))
     out.loss.backward()
     return out, {n: p.grad.clone() for n, p in sae.named_parameters()}
 

@@ -10,6 +10,7 @@ import torch
 
 from saescope.config import SAEConfig
 from saescope.evaluate.suite import EvalTarget, _reconstruct
+from saescope.sae.losses import LossOptions
 from saescope.sae.transcoder import JumpReLUTranscoder
 
 D_IN, D_SAE, D_OUT, C = 8, 24, 6, 3.0
@@ -79,7 +80,7 @@ def test_fresh_skip_transcoder_equals_the_same_transcoder_without_skip():
 def test_loss_and_gradients_match_float64_hand_math(target_l0):
     tc = random_skip(torch.float64)
     x, y = data()
-    out = tc.training_forward(x, y, 0.2, target_l0=target_l0)
+    out = tc.training_forward(x, y, LossOptions(0.2, target_l0=target_l0))
     p = {k: v.requires_grad_(k != "threshold") for k, v in params64(tc).items()}
     ref = hand_loss(p, x, y, 0.2, C, target_l0)
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)

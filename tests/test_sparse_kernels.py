@@ -15,9 +15,8 @@ from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import fast_path, sparse_kernels
 from saescope.train.decoder_norm import project_out_parallel_gradient
 from saescope.train.fast_path import dense_training_step, sparse_training_step
+from tests.loss_cases import PARAMS, loss, params
 from tests.threshold_margins import clear_decision_edges
-
-PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 pytestmark = pytest.mark.skipif(sparse_kernels.load() is None, reason="no C++ compiler: the kernels cannot be built")
 
@@ -59,13 +58,14 @@ def _module(dtype, apply_b_dec=True, transcoder=False, skip=False, seed=3, d_in=
     return module, x, y
 
 
+RUNTIME = ("kernels", "project_decoder_gradient", "reuse_gradient_buffers", "reduce_counts")
+
+
 def _step(module, x_raw, y_raw, lam=0.3, **options):
     x = module.normalize(x_raw)
     y = module.normalize_target(y_raw) if y_raw is not None else None
-    if getattr(module, "W_skip", None) is not None:
-        options["W_skip"] = module.W_skip.detach()
-    return sparse_training_step(*(getattr(module, n).detach() for n in PARAMS), x, y, lam,
-                                module.config.bandwidth, module.config.apply_b_dec_to_input, **options)
+    runtime = {k: options.pop(k) for k in RUNTIME if k in options}
+    return sparse_training_step(params(module), x, y, loss(lam, **options), **runtime)
 
 
 def _assert_same(fast, dense, rtol, atol, names):
@@ -93,7 +93,7 @@ def test_compiled_step_equals_dense_autograd(compiled_only, dtype, rtol, atol, c
     z = module.pre_activations(x).detach().to(torch.float64)
     u = (z - module.threshold.detach().to(torch.float64)) / module.config.bandwidth
     assert int(((u > 0) & (u < 0.5)).sum()) >= 20 and int(((u <= 0) & (u > -0.5)).sum()) >= 20   # window used
-    dense = dense_training_step(module, x, 0.3, y, **options)
+    dense = dense_training_step(module, x, loss(0.3, **options), y)
     fast = _step(module, x, y, **options)
     names = (*PARAMS, "W_skip") if "skip_transcoder" in case else PARAMS
     _assert_same(fast, dense, rtol, atol, names)
@@ -289,8 +289,8 @@ def test_trainer_on_kernels_equals_trainer_on_torch_ops(tmp_path, monkeypatch):
         assert all(u.density <= cfg.fast_path_max_density for u in trainer.units)     # the sparse step ran
         runs[kernels] = weights(trainer)
         assert len(calls) == 24 * 3      # each step of each SAE once on the kernels; the torch run adds none
-    for name, params in runs[True].items():
-        for key, value in params.items():
+    for name, tensors in runs[True].items():
+        for key, value in tensors.items():
             torch.testing.assert_close(value, runs[False][name][key], rtol=1e-9, atol=1e-11, msg=f"{name} {key}")
 
 

@@ -21,7 +21,6 @@ post-JumpReLU values, which would give a latent just below its threshold no grad
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,13 @@ import torch
 from torch import nn
 
 from saescope.config import SAEConfig
-from saescope.sae.losses import matryoshka_reconstruction, quadratic_l0_penalty
+from saescope.sae.losses import (
+    CountReducer,
+    LossOptions,
+    as_loss_options,
+    frequency_loss,
+    matryoshka_reconstruction,
+)
 from saescope.sae.saving import save_module
 from saescope.sae.ste import heaviside, jumprelu
 
@@ -215,31 +220,36 @@ class JumpReLUSAE(nn.Module):
         return self.decode(self.encode(x_raw))
 
     # ------------------------------------------------------------------ training
-    def training_forward(self, x_raw: torch.Tensor, sparsity_coefficient: float, *,
-                         target_l0: float | None = None, matryoshka_prefixes: Sequence[int] | None = None,
-                         matryoshka_weights: Sequence[float] | None = None) -> TrainingOutput:
+    def training_forward(self, x_raw: torch.Tensor, loss: LossOptions | float, *,
+                         reduce_counts: CountReducer | None = None) -> TrainingOutput:
         """The training-time forward pass and loss (recipe §1) on a batch ``[batch, d_in]`` of raw activations.
 
-        ``loss = mean_batch(‖x − x̂‖² + λ·Σ_i H(z_i − θ_i))`` with ``x = x_raw / C``. Gradients reach θ from
-        both terms through the straight-through estimators; none reach ``z`` through the step.
-        ``target_l0`` swaps ``λ·L0`` for Gemma Scope 2's ``λ·(2/L0_target)(L0 − L0_target)²``;
-        ``matryoshka_prefixes`` swaps the reconstruction term for the nested-prefix sum
-        (:mod:`saescope.sae.losses`; ``reconstruction`` then holds that sum).
+        ``loss = mean_batch(‖x − x̂‖² + λ·Σ_i H(z_i − θ_i))`` with ``x = x_raw / C`` for a bare λ. Gradients reach
+        θ from both terms through the straight-through estimators; none reach ``z`` through the step.
+        :class:`~saescope.sae.losses.LossOptions` adds Gemma Scope 2's options: ``target_l0`` swaps ``λ·L0`` for
+        ``λ·(2/L0_target)(L0 − L0_target)²``; ``matryoshka_prefixes`` swaps the reconstruction term for the
+        nested-prefix sum (``reconstruction`` then holds that sum); ``frequency_penalty`` adds ``λ·F``
+        (:func:`saescope.sae.losses.frequency_loss`; ``reduce_counts`` sums the firing counts over data ranks).
         """
+        options = as_loss_options(loss)
+        options.check_width(self.d_sae)
         x = self.normalize(x_raw)
         z = self._pre_activations_normalized(x)
         f = jumprelu(z, self.threshold, self.config.bandwidth)
         x_hat = self._decode_normalized(f)
-        if matryoshka_prefixes is None:
+        if options.matryoshka_prefixes is None:
             reconstruction = (x - x_hat).pow(2).sum(dim=-1)
         else:
             reconstruction = matryoshka_reconstruction(x, f.to(self.dtype), self.W_dec, self.b_dec,
-                                                       matryoshka_prefixes, matryoshka_weights)
-        l0 = heaviside(z, self.threshold, self.config.bandwidth).sum(dim=-1)
-        penalty = l0 if target_l0 is None else quadratic_l0_penalty(l0, target_l0)
-        loss = (reconstruction + sparsity_coefficient * penalty).mean()
+                                                       options.matryoshka_prefixes, options.matryoshka_weights)
+        active = heaviside(z, self.threshold, self.config.bandwidth)
+        l0 = active.sum(dim=-1)
+        lam = options.sparsity_coefficient
+        loss_value = (reconstruction + lam * options.token_penalty(l0)).mean()
+        if options.frequency:
+            loss_value = loss_value + lam * frequency_loss(active, options, reduce_counts)
         return TrainingOutput(x=x, x_hat=x_hat, pre_activations=z, latents=f, l0=l0,
-                              reconstruction=reconstruction, loss=loss)
+                              reconstruction=reconstruction, loss=loss_value)
 
     # ------------------------------------------------------------------ standardization and files
     def standardize(self) -> JumpReLUSAE:

@@ -10,11 +10,18 @@
   (Matryoshka SAEs, Bussmann et al. 2025; Gemma Scope 2 trains some SAEs this way): the first ``m_k``
   latents alone must reconstruct the input, for each prefix size ``m_k``, weighted by ``w_k``. With one
   prefix equal to ``d_sae`` and weight 1 it is the plain ``‖x − x̂‖²``.
+- ``frequency_loss`` / ``frequency_term``: a penalty on latents that fire on more than a fraction ``c`` of the
+  batch's tokens (Gemma Scope 2 names "a frequency penalty against high-frequency features"; its form is not
+  public, this one is ours: docs/training.md), ``μ·Σ_i max(p_i − c, 0)²/c``; its gradient reaches θ only,
+  through the same straight-through estimator as the L0 penalty.
+- ``LossOptions``: every option of the loss, one frozen object that every training step reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,3 +70,131 @@ def matryoshka_reconstruction(x: torch.Tensor, f: torch.Tensor, W_dec: torch.Ten
         if weight:
             total = total + weight * (x - x_hat).pow(2).sum(dim=-1)
     return total
+
+
+# ---------------------------------------------------------------------- the frequency penalty
+DEFAULT_FREQUENCY_PENALTY = 1.0
+"""μ of the frequency penalty when a spec sets ``target_l0`` and leaves ``frequency_penalty`` out (docs/training.md)."""
+DEFAULT_FREQUENCY_CAP = 0.1
+"""c: latents firing on more than this fraction of a batch's tokens are penalised (the evaluator's "dense")."""
+
+
+def frequency_excess(p: torch.Tensor, cap: float) -> torch.Tensor:
+    """``ψ(p) = max(p − c, 0)² / c`` per latent, ``p`` its firing frequency on the batch (docs/training.md).
+
+    Zero for every latent at or below the cap, so it leaves the ordinary latents alone; above it, it grows like
+    the quadratic L0 penalty ``(2/L0_t)(L0 − L0_t)²`` does above its target (one-sided, scaled by the cap)."""
+    return (p - cap).clamp(min=0).pow(2) / cap
+
+
+def frequency_slope(p: torch.Tensor, cap: float) -> torch.Tensor:
+    """``ψ'(p) = 2·max(p − c, 0) / c``: the factor the frequency penalty puts on a latent's θ-gradient."""
+    return 2.0 * (p - cap).clamp(min=0) / cap
+
+
+@dataclass(frozen=True)
+class FrequencyTerm:
+    """The frequency penalty's parts for one step, from the latents' firing counts on the (global) batch.
+
+    ``value = μ·[Σ_i ψ(p̂_i) + Σ_i ψ'(p̂_i)(p_i − p̂_i)]`` (the second sum is 0 in one process; under data
+    parallelism ``p_i`` is this rank's frequency and ``p̂_i`` the global batch's, so the row-weighted mean of the
+    ranks' values is the global one), and ``slope_i = μ·ψ'(p̂_i)``: the gradient is ``λ·Σ_i slope_i·∂p_i/∂θ_i``
+    with ``∂p_i/∂θ_i`` from the Heaviside straight-through estimator (float64 throughout)."""
+
+    value: float
+    slope: torch.Tensor            # float64 [d_sae]
+
+
+CountReducer = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a float64 vector ``[firing count of each latent…, rows]`` over the ranks that split a batch's rows."""
+
+
+def frequency_term(counts: torch.Tensor, rows: int, options: LossOptions,
+                   reduce_counts: CountReducer | None = None) -> FrequencyTerm:
+    """:class:`FrequencyTerm` from this process's firing counts per latent over its ``rows`` tokens."""
+    local = torch.cat([counts.to(torch.float64), torch.tensor([float(rows)], dtype=torch.float64,
+                                                               device=counts.device)])
+    both = local if reduce_counts is None else reduce_counts(local.clone())
+    p_local = local[:-1] / local[-1]
+    p_hat = both[:-1] / both[-1]
+    mu, cap = options.frequency_penalty, options.frequency_cap
+    slope = mu * frequency_slope(p_hat, cap)
+    value = mu * float(frequency_excess(p_hat, cap).sum()) + float((slope * (p_local - p_hat)).sum())
+    return FrequencyTerm(value=value, slope=slope)
+
+
+def frequency_loss(active: torch.Tensor, options: LossOptions, reduce_counts: CountReducer | None = None
+                   ) -> torch.Tensor:
+    """The frequency penalty as an autograd term: ``active [B, d_sae]`` is ``H(z − θ)`` from the straight-through
+    estimator (:func:`saescope.sae.ste.heaviside`); the result's value is :attr:`FrequencyTerm.value` and its
+    gradient ``Σ_i slope_i·∂p_i/∂θ_i`` with ``p_i = mean_b active_bi``."""
+    counts = (active.detach() > 0).sum(dim=0)
+    term = frequency_term(counts, active.shape[0], options, reduce_counts)
+    p = active.mean(dim=0)
+    slope = term.slope.to(device=p.device, dtype=p.dtype)
+    return (slope * (p - p.detach())).sum() + term.value
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss of one training step (recipe §1 and §6), read by every step implementation.
+
+    ``loss = mean_b(R_b + λ·P_b) + λ·F`` with ``R_b`` the reconstruction error (summed over Matryoshka prefixes
+    where set), ``P_b = L0_b`` or, with ``target_l0``, ``(2/L0_t)(L0_b − L0_t)²``, and ``F`` the frequency
+    penalty ``μ·Σ_i ψ(p_i)`` (:func:`frequency_excess`; off where ``frequency_penalty`` is 0).
+    Adding an option: one field here, its math in each step path, and one case in tests/loss_cases.py."""
+
+    sparsity_coefficient: float
+    target_l0: float | None = None
+    matryoshka_prefixes: tuple[int, ...] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
+    frequency_penalty: float = 0.0
+    frequency_cap: float = DEFAULT_FREQUENCY_CAP
+
+    def __post_init__(self) -> None:
+        lam = float(self.sparsity_coefficient)
+        if not lam >= 0 or math.isinf(lam):
+            raise ValueError(f"the sparsity coefficient λ must be finite and ≥ 0, got {self.sparsity_coefficient}")
+        object.__setattr__(self, "sparsity_coefficient", lam)
+        if self.target_l0 is not None:
+            if not float(self.target_l0) > 0:
+                raise ValueError(f"target_l0 must be positive, got {self.target_l0}")
+            object.__setattr__(self, "target_l0", float(self.target_l0))
+        if self.matryoshka_prefixes is None:
+            if self.matryoshka_weights is not None:
+                raise ValueError("matryoshka_weights needs matryoshka_prefixes")
+        else:
+            sizes, weights = check_prefixes(self.matryoshka_prefixes, self.matryoshka_weights,
+                                            int(self.matryoshka_prefixes[-1]))
+            object.__setattr__(self, "matryoshka_prefixes", tuple(sizes))
+            if self.matryoshka_weights is not None:
+                object.__setattr__(self, "matryoshka_weights", tuple(weights))
+        if not float(self.frequency_penalty) >= 0 or math.isinf(self.frequency_penalty):
+            raise ValueError(f"frequency_penalty μ must be finite and ≥ 0, got {self.frequency_penalty}")
+        if not 0 < float(self.frequency_cap) < 1:
+            raise ValueError(f"frequency_cap must be a fraction of tokens in (0, 1), got {self.frequency_cap}")
+        object.__setattr__(self, "frequency_penalty", float(self.frequency_penalty))
+        object.__setattr__(self, "frequency_cap", float(self.frequency_cap))
+
+    @property
+    def frequency(self) -> bool:
+        """Whether the frequency penalty is on."""
+        return self.frequency_penalty > 0
+
+    def with_lambda(self, sparsity_coefficient: float) -> LossOptions:
+        """The same options with this step's λ (the warm-up changes it every step)."""
+        return replace(self, sparsity_coefficient=sparsity_coefficient)
+
+    def check_width(self, d_sae: int) -> None:
+        """Raise if the Matryoshka prefixes do not end at the SAE's width."""
+        if self.matryoshka_prefixes is not None:
+            check_prefixes(self.matryoshka_prefixes, self.matryoshka_weights, d_sae)
+
+    def token_penalty(self, l0: torch.Tensor) -> torch.Tensor:
+        """``P_b``: ``L0_b``, or the quadratic target-L0 penalty."""
+        return l0 if self.target_l0 is None else quadratic_l0_penalty(l0, self.target_l0)
+
+
+def as_loss_options(loss: LossOptions | float) -> LossOptions:
+    """A bare λ is the Gemma Scope loss ``λ·L0`` with no other option."""
+    return loss if isinstance(loss, LossOptions) else LossOptions(sparsity_coefficient=float(loss))

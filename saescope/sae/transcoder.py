@@ -52,7 +52,7 @@ from saescope.sae.jumprelu import (
     seeded_generator,
     torch_dtype,
 )
-from saescope.sae.losses import quadratic_l0_penalty
+from saescope.sae.losses import CountReducer, LossOptions, as_loss_options, frequency_loss
 from saescope.sae.ste import heaviside, jumprelu
 
 SKIP_NAME = "W_skip"
@@ -209,11 +209,16 @@ class JumpReLUTranscoder(JumpReLUSAE):
 
     # ------------------------------------------------------------------ training
     def training_forward(self, x_raw: torch.Tensor, y_raw: torch.Tensor,  # type: ignore[override]
-                         sparsity_coefficient: float, *, target_l0: float | None = None
+                         loss: LossOptions | float, *, reduce_counts: CountReducer | None = None
                          ) -> TranscoderTrainingOutput:
         """Loss ``mean_b(‖y − ŷ‖² + λ·Σ_i H(z_i − θ_i))`` with ``x = x_raw/C``, ``y = y_raw/C`` (App. B) and
-        ``ŷ = W_dec f + b_dec (+ x W_skip)``. ``target_l0`` swaps ``λ·L0`` for Gemma Scope 2's
-        ``λ·(2/L0_target)(L0 − L0_target)²`` (:func:`saescope.sae.losses.quadratic_l0_penalty`)."""
+        ``ŷ = W_dec f + b_dec (+ x W_skip)``, for a bare λ. :class:`~saescope.sae.losses.LossOptions`:
+        ``target_l0`` swaps ``λ·L0`` for Gemma Scope 2's ``λ·(2/L0_target)(L0 − L0_target)²``,
+        ``frequency_penalty`` adds ``λ·F`` (:func:`saescope.sae.losses.frequency_loss`); Matryoshka prefixes are
+        for SAEs only."""
+        options = as_loss_options(loss)
+        if options.matryoshka_prefixes is not None:
+            raise ValueError("Matryoshka prefixes are for SAEs; a transcoder's loss takes none")
         x = self.normalize(x_raw)
         y = self.normalize_target(y_raw)
         z = self._pre_activations_normalized(x)
@@ -222,11 +227,14 @@ class JumpReLUTranscoder(JumpReLUSAE):
         if self.W_skip is not None:
             y_hat = y_hat + self._skip_normalized(x)
         reconstruction = (y - y_hat).pow(2).sum(dim=-1)
-        l0 = heaviside(z, self.threshold, self.config.bandwidth).sum(dim=-1)
-        penalty = l0 if target_l0 is None else quadratic_l0_penalty(l0, target_l0)
-        loss = (reconstruction + sparsity_coefficient * penalty).mean()
+        active = heaviside(z, self.threshold, self.config.bandwidth)
+        l0 = active.sum(dim=-1)
+        lam = options.sparsity_coefficient
+        loss_value = (reconstruction + lam * options.token_penalty(l0)).mean()
+        if options.frequency:
+            loss_value = loss_value + lam * frequency_loss(active, options, reduce_counts)
         return TranscoderTrainingOutput(x=x, target=y, x_hat=y_hat, pre_activations=z, latents=f, l0=l0,
-                                        reconstruction=reconstruction, loss=loss)
+                                        reconstruction=reconstruction, loss=loss_value)
 
     # ------------------------------------------------------------------ standardization and files
     @torch.no_grad()

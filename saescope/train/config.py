@@ -22,17 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from saescope.config import Site
 from saescope.errors import SaescopeError
 from saescope.formats.gemma_scope import width_name as width_label  # one labelling rule for every layout
-from saescope.sae.losses import check_prefixes
+from saescope.sae.losses import (
+    DEFAULT_FREQUENCY_CAP,
+    DEFAULT_FREQUENCY_PENALTY,
+    LossOptions,
+    check_prefixes,
+)
 
 DEFAULT_TARGET_L0_LAMBDA = 1.0
 """λ of the target-L0 penalty when a spec gives ``target_l0`` without ``sparsity_coefficient``, per unit of the
-mean squared norm of the normalized target (the trainer multiplies it by ``E‖t‖²`` on the first batch: ≈ 1 for an
-SAE, whose input is normalized to ``E‖x‖² = 1``, and ≈ 2,500 for a Gemma 3 transcoder, whose ``mlp_out`` target
-is divided by the input's C). Chosen by measurement on Gemma 3 270M ``resid_post/layer_6`` (width 4096, target
-60, 1.05M Shakespeare tokens, the short-budget preset): λ = 0.1 / 1 / 10 ended at L0 62.4 / 61.3 / 62.0 with
-training FVU 0.061 / 0.057 / 0.060 and 48% / 45% / 47% dead latents — the mean L0 is held near the target over
-two decades of λ (the penalty's L0-gradient ``4λ(L0 − L0_t)/L0_t`` dwarfs the reconstruction's value of one
-latent, ~1e-3), and λ = 1 (also SAELens's default coefficient) gave the best FVU."""
+mean squared norm of the normalized target (the trainer multiplies it by ``E‖t‖²`` on the first batch).
+Chosen by measurement: docs/training.md."""
 
 MATRYOSHKA_DEFAULT_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
 """Default Matryoshka prefixes as fractions of the width (a doubling ladder, equal weights). The Gemma Scope 2
@@ -77,10 +77,15 @@ class SAESpec(BaseModel):
     matryoshka_prefixes: list[int] | None = Field(None, description="SAEs only: nested prefix sizes of the "
                                                   "latents (strictly increasing, last = width), or 'default'")
     matryoshka_weights: list[float] | None = Field(None, description="one weight per Matryoshka prefix (default 1)")
+    frequency_penalty: float | None = Field(
+        None, ge=0, description="μ of the penalty on latents firing on more than frequency_cap of the tokens "
+        "(docs/training.md); None: 1 with target_l0 (Gemma Scope 2), else 0 (off)")
+    frequency_cap: float | None = Field(
+        None, gt=0, lt=1, description="the firing frequency above which the frequency penalty acts; None: 0.1, "
+        "or 4 × target_l0 / width where that is larger (docs/training.md)")
     skip: bool = Field(False, description="transcoders only: an affine skip connection W_skip x (Gemma Scope 2)")
     threshold_lr_scale: float | None = Field(
-        None, gt=0, description="this SAE's θ learning-rate scale (None: the run's threshold_lr_scale); a "
-        "transcoder, whose target is ~2,500× an SAE's input on Gemma 3, may need θ to move faster than the SAEs")
+        None, gt=0, description="this SAE's θ learning-rate scale (None: the run's; docs/training.md)")
 
     @field_validator("site", "target_site")
     @classmethod
@@ -112,6 +117,15 @@ class SAESpec(BaseModel):
             object.__setattr__(self, "matryoshka_prefixes", sizes)
             if self.matryoshka_weights is not None:
                 object.__setattr__(self, "matryoshka_weights", weights)
+        if self.frequency_penalty is None:
+            object.__setattr__(self, "frequency_penalty", self.default_frequency_penalty)
+        if self.frequency_cap is None:
+            object.__setattr__(self, "frequency_cap", self.default_frequency_cap)
+        if self.frequency_penalty and self.target_l0 is not None and self.target_l0 / self.width >= self.frequency_cap:
+            raise ValueError(f"target_l0 {self.target_l0:g} of {self.width} latents is a mean firing frequency of "
+                             f"{self.target_l0 / self.width:.3g}, at or above frequency_cap {self.frequency_cap:g}: "
+                             "the frequency penalty would fight the target; raise frequency_cap or set "
+                             "frequency_penalty = 0")
         if self.skip and self.kind != "transcoder":
             raise ValueError(f"skip (an affine skip connection) is for transcoders; the SAE on {self.site} cannot "
                              "have one: drop skip or set kind = 'transcoder' on an mlp_in site")
@@ -152,7 +166,35 @@ class SAESpec(BaseModel):
             else:
                 key = json.dumps([self.matryoshka_prefixes, self.matryoshka_weights])
                 penalty += "_matryoshka_" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        other_cap = bool(self.frequency_penalty) and self.frequency_cap != self.default_frequency_cap
+        if self.frequency_penalty != self.default_frequency_penalty or other_cap:
+            penalty += f"_freq_{self.frequency_penalty:g}"
+            if other_cap:
+                penalty += f"_cap_{self.frequency_cap:g}"
         return f"{prefix}{self.site}/width_{width_label(self.width)}/{penalty}"
+
+    @property
+    def default_frequency_penalty(self) -> float:
+        """μ where the spec leaves it out: on with a target L0 (Gemma Scope 2's recipe), off with λ·L0."""
+        return DEFAULT_FREQUENCY_PENALTY if self.target_l0 is not None else 0.0
+
+    @property
+    def default_frequency_cap(self) -> float:
+        """c where the spec leaves it out: :data:`DEFAULT_FREQUENCY_CAP`, or four times the target's mean firing
+        frequency ``target_l0 / width`` where that is larger (small SAEs, whose every latent fires often)."""
+        if self.target_l0 is None:
+            return DEFAULT_FREQUENCY_CAP
+        return min(max(DEFAULT_FREQUENCY_CAP, 4.0 * self.target_l0 / self.width), 0.99)
+
+    def loss_options(self, sparsity_coefficient: float) -> LossOptions:
+        """This SAE's loss with this step's λ (the contract every training step reads)."""
+        return LossOptions(sparsity_coefficient=sparsity_coefficient, target_l0=self.target_l0,
+                           matryoshka_prefixes=None if self.matryoshka_prefixes is None
+                           else tuple(self.matryoshka_prefixes),
+                           matryoshka_weights=None if self.matryoshka_weights is None
+                           else tuple(self.matryoshka_weights),
+                           frequency_penalty=float(self.frequency_penalty or 0.0),
+                           frequency_cap=float(self.frequency_cap or DEFAULT_FREQUENCY_CAP))
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -170,7 +212,9 @@ class SAESpec(BaseModel):
 
 
 NEW_SPEC_DEFAULTS: dict[str, Any] = {"target_l0": None, "matryoshka_prefixes": None, "matryoshka_weights": None,
-                                     "skip": False, "threshold_lr_scale": None}
+                                     "skip": False, "threshold_lr_scale": None,
+                                     # absent from older runs = the penalty was off
+                                     "frequency_penalty": 0.0, "frequency_cap": DEFAULT_FREQUENCY_CAP}
 """Spec fields added later (Gemma Scope 2, per-SAE θ lr), with the defaults that leave the fingerprint as before."""
 
 
@@ -192,65 +236,40 @@ class TrainConfig(BaseModel):
     bandwidth: float = Field(0.001, gt=0, description="STE kernel bandwidth ε")
     initial_threshold: float = Field(0.001, gt=0, description="θ at initialisation")
     initial_b_dec: Literal["zeros", "mean"] = Field(
-        "zeros", description="b_dec at initialisation: zeros (the recipe) or, for short budgets (not in the "
-        "recipe), the mean of the first batch's normalized target (the input for an SAE)")
+        "zeros", description="b_dec at initialisation: zeros (the recipe) or the first batch's mean target "
+        "(short budgets; docs/training.md)")
     initial_threshold_quantile: float | None = Field(
-        None, gt=0, lt=1, description="not in the recipe, for short budgets: start each θ_i at this quantile of "
-        "its pre-activations on the first batch (at least initial_threshold), so every latent starts firing on "
-        "a few tokens and L0 starts small; None: θ = initial_threshold (the recipe)")
+        None, gt=0, lt=1, description="start each θ_i at this quantile of its first-batch pre-activations "
+        "(short budgets; docs/training.md); None: initial_threshold (the recipe)")
     initial_exclude_top_pcs: int = Field(
-        0, ge=0, description="not in the recipe, for short budgets: remove the first batch's top principal "
-        "directions (of the centered normalized input) from every latent's initial encoder direction (and, for an "
-        "SAE, its tied decoder direction). Models with massive activations (Gemma 3: one residual dimension holds "
-        "~88% of the variance) otherwise make every random latent read mostly that one dimension, so latents fire "
-        "together on the same tokens, over-reconstruct it together and die together. Training can still move "
-        "latents onto those directions. 0: the recipe's plain random directions")
+        0, ge=0, description="remove the first batch's top principal directions from the initial encoder "
+        "directions (short budgets, massive activations; docs/training.md); 0: the recipe")
     initial_transcoder_W_dec: Literal["random", "fired_target_mean"] = Field(
-        "random", description="transcoders' decoder rows at initialisation: random unit vectors (App. B) or, for "
-        "short budgets (not in the recipe), each latent's mean centered target over the first-batch tokens it "
-        "fires on (after θ is set from the first batch), normalized — the transcoder's analogue of an SAE's tied "
-        "W_dec = W_encᵀ: a latent's first firings then point its output where the target goes. Latents that fire "
-        "on no first-batch token keep their random row. Measured on Gemma 3 layer 6 (800k tokens, width 4096): it "
-        "halves the latents unfired in the last 262k tokens (71% → 36%), but at equal L0 (~40) held-out FVU was "
-        "0.40 vs 0.34 and Δ loss 0.110 vs 0.098, so it is not in the short-budget preset")
+        "random", description="transcoders' initial decoder rows: random (App. B) or each latent's mean fired "
+        "target (docs/training.md)")
     initial_W_skip: Literal["zeros", "least_squares"] = Field(
-        "zeros", description="skip transcoders' W_skip at initialisation: zeros (Gemma Scope 2) or, for short "
-        "budgets (not in the recipe), the least-squares linear map from the first batch's normalized input to its "
-        "normalized target (b_dec then takes the rest of the target's mean when initial_b_dec = 'mean'). Adam moves "
-        "each entry by about lr per step, and on Gemma 3 the map's entries are O(1): a zero W_skip cannot get there "
-        "in a few hundred steps")
+        "zeros", description="skip transcoders' initial W_skip: zeros (Gemma Scope 2) or the first batch's "
+        "least-squares map (short budgets; docs/training.md)")
     threshold_parameterization: Literal["log", "direct"] = Field(
         "log", description="train log θ (JumpReLU paper) or θ directly (clamped > 0)")
     threshold_lr_scale: float = Field(
-        1.0, gt=0, description="θ's learning rate as a fraction of lr (1: the recipe, one lr for all). Not in the "
-        "recipe, for short budgets trained directly at a large lr: Adam's step on θ is about lr/√(fraction of "
-        "steps with a token inside θ's bandwidth window), so at lr 1e-3 one window hit moves θ by several ε and "
-        "can lift it past every token for good (the latent dies); a smaller scale keeps θ's steps near ε")
+        1.0, gt=0, description="θ's learning rate as a fraction of lr (1: the recipe; < 1 for short budgets at a "
+        "large lr: docs/training.md)")
     transcoder_target_scale: Literal["input", "target"] = Field(
-        "input", description="what a transcoder's target (mlp_out) is divided by: 'input' (App. B) the input's "
-        "norm scale C; 'target' its own (the store's norm scale of mlp_out, E‖y‖² = 1). Not in the recipe, for "
-        "short budgets: on Gemma 3 mlp_out is ~57× the normalized input's scale, so with C the latents, W_enc "
-        "and θ must grow ~57× — more than Adam's bounded steps manage in 10⁶ tokens (a target-L0 60 transcoder "
-        "ended at L0 ~700); with 'target' it reaches L0 57. The saved transcoder maps raw mlp_in to raw mlp_out "
-        "either way (target_norm_scale in its config; standardization folds it)")
+        "input", description="a transcoder's target is divided by the input's C (App. B) or by its own norm "
+        "scale (short budgets; docs/training.md)")
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     device: str = "cpu"
     seed: int = 0
     fast_path: bool = Field(True, description="use the sparse step (same gradients as the dense one)")
     cpu_kernels: bool = Field(
-        True, description="on the CPU, run the sparse step on its compiled kernels (saescope.train.sparse_kernels: "
-        "built on first use with the machine's C++ compiler; torch ops where there is none). Same gradients to "
-        "float rounding")
+        True, description="on the CPU, run the sparse step on its compiled kernels (docs/training.md)")
     latent_shards: int = Field(
-        1, ge=1, description="under torch.distributed (torchrun): ranks that split each SAE's latents (W_enc "
-        "columns, W_dec rows, b_enc/θ entries); the world is a grid data_shards × latent_shards, data_shards ranks "
-        "read disjoint batch_size/data_shards slices of each global batch. 1: data parallel only; = world size: "
-        "latent sharding only. No effect in one process (saescope.distributed)")
+        1, ge=1, description="under torchrun: ranks that split each SAE's latents; the rest split the batch "
+        "(docs/training.md)")
     fast_path_max_density: float | None = Field(
-        None, ge=0, le=1, description="use the dense step instead while the previous step's L0 / width is above "
-        "this (early in training, when thousands of latents fire, the sparse step does not pay). None: 0.1 where "
-        "the step runs on the compiled CPU kernels (at 16k latents they are 3.3× faster than the dense step at "
-        "density 0.1), 0.05 on torch ops (about as fast as the dense step at 0.1)")
+        None, ge=0, le=1, description="take the dense step while the last L0 / width is above this; None: 0.1 "
+        "on the compiled kernels, 0.05 on torch ops (docs/training.md)")
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: only at the end "
                                   "and on SIGINT/SIGTERM)")
     log_every: int = Field(100, gt=0, description="steps between log lines")
@@ -258,7 +277,8 @@ class TrainConfig(BaseModel):
                                     "in this many tokens (or since the start, if fewer were seen)")
     out_dir: Path = Field(Path("runs/train"), description="run folder: checkpoints/, suite/, metrics.jsonl")
     store: Path | None = Field(None, description="activation store folder (saescope train reads it)")
-    shuffle_buffer: int = Field(0, ge=0, description="activation-store shuffle block in rows (0: its default, 65536), rounded down to whole global batches; one order for any number of data ranks")
+    shuffle_buffer: int = Field(0, ge=0, description="activation-store shuffle block in rows (0: 65536), whole "
+                                "global batches; one order for any number of data ranks")
     model: str | None = Field(None, description="the language model name, stored in each SAE's config")
     tensorboard: bool = False
     wandb: bool = Field(False, description="log to Weights & Biases in offline mode")

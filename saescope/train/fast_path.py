@@ -41,18 +41,17 @@ with one elementwise-maximum pass over groups of tokens instead of a compare pas
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from saescope.sae.losses import check_prefixes
+from saescope.sae.losses import CountReducer, LossOptions, as_loss_options, check_prefixes, frequency_term
 from saescope.train import sparse_kernels
 from saescope.train.decoder_norm import project_out_parallel_gradient
+from saescope.train.step import SAEParams, StepResult
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 TOKEN_GROUP = 8    # tokens per group in the CPU candidate search (_candidates)
@@ -171,23 +170,6 @@ def _latent_major_order(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> t
     return torch.argsort(key)
 
 
-@dataclass
-class StepResult:
-    """Loss, gradients and batch statistics of one training step (normalized scale)."""
-
-    loss: float
-    reconstruction: float          # mean over tokens of ‖t − x̂‖² (the weighted prefix sum for Matryoshka)
-    l0: float                      # mean over tokens of the number of active latents
-    total_variance: float          # Σ_b ‖t_b − mean(t)‖² (for FVU = Σ reconstruction / total variance)
-    fired: torch.Tensor            # bool [d_sae]: latents active on at least one token of the batch
-    grads: dict[str, torch.Tensor]
-    # mean over tokens of ‖t − x̂‖² with the whole dictionary (the last Matryoshka prefix): FVU's numerator.
-    # Equal to ``reconstruction`` without Matryoshka; None where a caller built the result without it.
-    full_reconstruction: float | None = None
-    # True where grads["W_dec"] already has each row's component along its decoder row removed
-    decoder_gradient_projected: bool = False
-
-
 def _l0_penalty(l0_counts: torch.Tensor, target_l0: float | None, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sparsity penalty per token (``L0_b``, or Gemma Scope 2's ``(2/L0_t)(L0_b − L0_t)²``) and, for the
@@ -206,18 +188,15 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sparse_training_step(
-    W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, threshold: torch.Tensor,
-    x: torch.Tensor, target: torch.Tensor | None, sparsity_coefficient: float, bandwidth: float,
-    apply_b_dec_to_input: bool = True, *, target_l0: float | None = None,
-    matryoshka_prefixes: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
-    W_skip: torch.Tensor | None = None, kernels: bool = True, project_decoder_gradient: bool = False,
-    reuse_gradient_buffers: bool = False,
-) -> StepResult:
+def sparse_training_step(params: SAEParams, x: torch.Tensor, target: torch.Tensor | None,
+                         loss: LossOptions | float, *, kernels: bool = True, project_decoder_gradient: bool = False,
+                         reuse_gradient_buffers: bool = False, reduce_counts: CountReducer | None = None
+                         ) -> StepResult:
     """One step's loss and gradients on a normalized batch ``x [B, d_in]`` (target ``None``: reconstruct x).
 
     Equal, to float rounding, to ``JumpReLUSAE.training_forward(...).loss.backward()`` (tests/test_fast_path.py),
-    including its Gemma Scope 2 options (recipe §6):
+    including its Gemma Scope 2 options (recipe §6), read from ``loss`` (:class:`~saescope.sae.losses.LossOptions`;
+    a bare float is λ alone) with the SAE's tensors from ``params`` (:class:`~saescope.train.step.SAEParams`):
 
     - ``target_l0``: the penalty ``λ·(2/L0_t)(L0_b − L0_t)²`` per token instead of ``λ·L0_b``; the sparsity
       term's θ-gradient at each window pair is then scaled by the token's ``(4/L0_t)(L0_b − L0_t)``.
@@ -242,33 +221,25 @@ def sparse_training_step(
     kernels of :mod:`saescope.train.sparse_kernels` (every option above; float32 or float64 throughout);
     otherwise, or when it finds more candidate pairs than 1/8 of the entries, on torch ops.
     """
-    if target_l0 is not None:
-        target_l0 = float(target_l0)
-        if not target_l0 > 0:
-            raise ValueError(f"target_l0 must be positive, got {target_l0}")
-    lib = sparse_kernels.load() if kernels and _kernels_apply(
-        x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) else None
+    loss = as_loss_options(loss)
+    lib = sparse_kernels.load() if kernels and _kernels_apply(params, x, target) else None
     result = None
     if lib is not None:     # its few torch ops run on all threads; the kernels split their work themselves
-        result = _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient,
-                                bandwidth, apply_b_dec_to_input, target_l0, matryoshka_prefixes,
-                                matryoshka_weights, W_skip, project_decoder_gradient, reuse_gradient_buffers,
-                                torch.get_num_threads())
+        result = _compiled_step(lib, params, x, target, loss, project_decoder_gradient, reuse_gradient_buffers,
+                                torch.get_num_threads(), reduce_counts)
         if result is not None:
             return result
     with _Threads(x.device) as threads:
-        result = _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
-                              apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
-                              threads)
+        result = _sparse_step(params, x, target, loss, threads, reduce_counts)
     if project_decoder_gradient:
-        project_out_parallel_gradient(W_dec, result.grads["W_dec"])
+        project_out_parallel_gradient(params.W_dec, result.grads["W_dec"])
         result.decoder_gradient_projected = True
     return result
 
 
-def _kernels_apply(x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) -> bool:
+def _kernels_apply(params: SAEParams, x: torch.Tensor, target: torch.Tensor | None) -> bool:
     """Whether the compiled kernels take this step: CPU, one float dtype (32 or 64 bits) throughout."""
-    tensors = [t for t in (x, target, W_enc, b_enc, W_dec, b_dec, threshold, W_skip) if t is not None]
+    tensors = [x, *params.tensors()] + ([] if target is None else [target])
     return (x.device.type == "cpu" and x.dtype in sparse_kernels.DTYPES
             and all(t.dtype == x.dtype and t.device.type == "cpu" for t in tensors))
 
@@ -306,25 +277,28 @@ def _pair_capacity(B: int, d_sae: int) -> int:
     return min(B * d_sae if B * d_sae <= 1 << 22 else int(GROUPED_UP_TO * B * d_sae), 2**31 - 1)
 
 
-def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
-                   apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
-                   project_decoder_gradient, reuse_gradient_buffers, n) -> StepResult | None:
-    """:func:`_sparse_step` on the compiled kernels (``sparse_kernels.cpp``); None where the candidate pairs
-    exceed the buffer (more than ``GROUPED_UP_TO`` of the entries: the torch path is then as fast)."""
+def _compiled_step(lib, params: SAEParams, x: torch.Tensor, target: torch.Tensor | None, loss: LossOptions,
+                   project_decoder_gradient: bool, reuse_gradient_buffers: bool, n: int,
+                   reduce_counts: CountReducer | None) -> StepResult | None:
+    """:func:`_sparse_step` on the compiled kernels (``sparse_kernels.cpp``) with ``n`` threads; None where the
+    candidate pairs exceed the buffer (more than ``GROUPED_UP_TO`` of the entries: the torch path is then as
+    fast)."""
+    W_enc, b_enc, W_dec, b_dec, threshold = params.W_enc, params.b_enc, params.W_dec, params.b_dec, params.threshold
+    W_skip = params.W_skip
     if target is None:
         target = x
     B, d_in = x.shape
     d_sae, d_out = W_enc.shape[1], W_dec.shape[1]
-    eps, lam = float(bandwidth), float(sparsity_coefficient)
+    eps, lam = params.bandwidth, loss.sparsity_coefficient
     dt, ptr = sparse_kernels.DTYPES[x.dtype], sparse_kernels.ptr
-    if matryoshka_prefixes is None:
+    if loss.matryoshka_prefixes is None:
         K, block_of, weights = 1, None, None
     else:                   # latent i's block: the first prefix that holds it
-        sizes, prefix_weights = check_prefixes(matryoshka_prefixes, matryoshka_weights, d_sae)
+        sizes, prefix_weights = check_prefixes(loss.matryoshka_prefixes, loss.matryoshka_weights, d_sae)
         K = len(sizes)
         block_of = torch.bucketize(torch.arange(d_sae), torch.tensor(sizes[:-1]), right=True).to(torch.int32)
         weights = torch.tensor(prefix_weights, dtype=x.dtype)
-    xc = (x - b_dec if apply_b_dec_to_input else x).contiguous()
+    xc = (x - b_dec if params.apply_b_dec_to_input else x).contiguous()
     W_dec, b_enc, threshold = W_dec.contiguous(), b_enc.contiguous(), threshold.contiguous()
     lower = (threshold - eps - b_enc).contiguous()       # pre-filter z − θ > −ε, as in _sparse_step
     # The product block by block of latents, each block scanned for its pairs while it is still in cache
@@ -386,9 +360,15 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     token_of = torch.empty(P, dtype=torch.int32)
     lib.saescope_latent_order(B, d_sae, ptr(row_offsets), ptr(cols), ptr(latent_offsets), ptr(pair_of),
                               ptr(token_of))
-    penalty, token_scale = _l0_penalty(l0_counts, target_l0, reconstruction.dtype)
+    penalty, token_scale = _l0_penalty(l0_counts, loss.target_l0, reconstruction.dtype)
     if token_scale is not None:
         token_scale = token_scale.to(x.dtype).contiguous()
+    frequency = latent_scale = None
+    if loss.frequency:      # firing counts per latent from the forward's flags (bit 1: active)
+        active_pairs = (flags & 1).bool()
+        counts = torch.bincount(cols[active_pairs].to(torch.int64), minlength=d_sae)
+        frequency = frequency_term(counts, B, loss, reduce_counts)
+        latent_scale = frequency.slope.to(x.dtype).contiguous()
     if reuse_gradient_buffers:   # fresh tensors this large are new memory each step: page faults (~15 ms)
         grad_W_dec = _workspace((d_sae, d_out), x.dtype, x.device, "grad_W_dec")
         grad_W_enc_t = _workspace((d_sae, d_in), x.dtype, x.device, "grad_W_enc")
@@ -399,35 +379,39 @@ def _compiled_step(lib, W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsi
     grad_threshold = torch.empty(d_sae, dtype=x.dtype)
     fired = torch.empty(d_sae, dtype=torch.uint8)
     lib.saescope_backward(dt, d_sae, d_in, d_out, ptr(latent_offsets), ptr(pair_of), ptr(token_of), ptr(zv),
-                          ptr(flags), ptr(threshold), eps, (lam / B) / eps, ptr(token_scale), ptr(W_dec), K,
+                          ptr(flags), ptr(threshold), eps, (lam / B) / eps, ptr(token_scale), ptr(latent_scale),
+                          ptr(W_dec), K,
                           ptr(block_of), ptr(g_bags), ptr(xc), ptr(grad_W_dec), ptr(grad_W_enc_t), ptr(grad_b_enc),
                           ptr(grad_threshold), ptr(fired), int(project_decoder_gradient), n)
     grad_b_dec = g_xhat.sum(dim=0)
-    if apply_b_dec_to_input:
+    if params.apply_b_dec_to_input:
         grad_b_dec -= W_enc @ grad_b_enc
     grads = {"W_enc": grad_W_enc_t.t(), "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
              "threshold": grad_threshold}
     if W_skip is not None:
         grads["W_skip"] = x.t() @ g_xhat
-    loss = (reconstruction + lam * penalty).mean()
+    loss_value = float((reconstruction + lam * penalty).mean())
+    if frequency is not None:
+        loss_value += lam * frequency.value
     return StepResult(
-        loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
+        loss=loss_value, reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
         total_variance=float(torch.linalg.vector_norm(target - target.mean(dim=0))) ** 2, fired=fired.bool(),
         grads=grads,
         full_reconstruction=float(full_reconstruction.mean()), decoder_gradient_projected=project_decoder_gradient,
     )
 
 
-def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coefficient, bandwidth,
-                 apply_b_dec_to_input, target_l0, matryoshka_prefixes, matryoshka_weights, W_skip,
-                 threads) -> StepResult:
+def _sparse_step(params: SAEParams, x: torch.Tensor, target: torch.Tensor | None, loss: LossOptions, threads,
+                 reduce_counts: CountReducer | None) -> StepResult:
+    W_enc, b_enc, W_dec, b_dec, threshold = params.W_enc, params.b_enc, params.W_dec, params.b_dec, params.threshold
+    W_skip = params.W_skip
     if target is None:
         target = x
     B, _d_in = x.shape
     d_sae = W_enc.shape[1]
-    eps = float(bandwidth)
-    lam = float(sparsity_coefficient)
-    xc = x - b_dec if apply_b_dec_to_input else x
+    eps = params.bandwidth
+    lam = loss.sparsity_coefficient
+    xc = x - b_dec if params.apply_b_dec_to_input else x
 
     # The one dense product, then every (token, latent) pair that may be active or in the window.
     # (b_enc is added after the product, as in the dense ``x @ W_enc + b_enc``: z_bi = (xW)_bi + b_enc,i.)
@@ -449,10 +433,10 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
 
     # Bags of pairs: one per token, or one per (token, Matryoshka block) — still sorted, since within a
     # token the latents are ascending.
-    if matryoshka_prefixes is None:
+    if loss.matryoshka_prefixes is None:
         n_blocks, bags, n_bags = 1, rows, B
     else:
-        sizes, weights = check_prefixes(matryoshka_prefixes, matryoshka_weights, d_sae)
+        sizes, weights = check_prefixes(loss.matryoshka_prefixes, loss.matryoshka_weights, d_sae)
         n_blocks, n_bags = len(sizes), B * len(sizes)
         block = torch.bucketize(cols, torch.tensor(sizes[:-1], dtype=cols.dtype, device=cols.device), right=True)
         bags = rows * n_blocks + block
@@ -510,11 +494,18 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
 
     # L0 per token (forward count), then θ: both STE terms, window pairs only.
     l0_counts = torch.zeros(B, dtype=torch.int64, device=x.device).index_add_(0, rows, active.to(torch.int64))
-    penalty, per_token = _l0_penalty(l0_counts, target_l0, reconstruction.dtype)
-    if per_token is None:
+    penalty, per_token = _l0_penalty(l0_counts, loss.target_l0, reconstruction.dtype)
+    frequency = None
+    if loss.frequency:
+        counts = torch.zeros(d_sae, dtype=torch.int64, device=x.device).index_add_(0, cols, active.to(torch.int64))
+        frequency = frequency_term(counts, B, loss, reduce_counts)
+    if per_token is None and frequency is None:
         g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - (lam / B) / eps) * window
     else:
-        g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - ((lam / B) / eps) * per_token.to(wide)[rows]) * window
+        scale = per_token.to(wide)[rows] if per_token is not None else torch.ones_like(theta_v)
+        if frequency is not None:          # the latent's frequency factor beside the token's target-L0 factor
+            scale = scale + frequency.slope.to(device=x.device, dtype=wide)[cols]
+        g_theta_pairs = (g_f.to(wide) * (-theta_v / eps) - ((lam / B) / eps) * scale) * window
     grad_threshold = torch.zeros(d_sae, dtype=wide, device=x.device).index_add_(0, cols, g_theta_pairs)
 
     # Encoder / decoder weights: bag-sums grouped by latent (weights 0 where the latent did not fire).
@@ -526,7 +517,7 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
         grad_W_dec = F.embedding_bag(bag_of_pair, g_bags, by_latent, mode="sum", per_sample_weights=f_by_latent)
         grad_W_enc = F.embedding_bag(tokens, xc, by_latent, mode="sum", per_sample_weights=g_z_by_latent).t()
     grad_b_dec = g_xhat.sum(dim=0)
-    if apply_b_dec_to_input:
+    if params.apply_b_dec_to_input:
         with threads.all("product"):
             grad_b_dec -= W_enc @ grad_b_enc
     grads = {"W_enc": grad_W_enc, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec,
@@ -535,38 +526,34 @@ def _sparse_step(W_enc, b_enc, W_dec, b_dec, threshold, x, target, sparsity_coef
         with threads.all("product"):
             grads["W_skip"] = x.t() @ g_xhat
 
-    loss = (reconstruction + lam * penalty).mean()
+    loss_value = float((reconstruction + lam * penalty).mean())
+    if frequency is not None:
+        loss_value += lam * frequency.value
     centred = target - target.mean(dim=0)
     fired = torch.zeros(d_sae, dtype=torch.int64, device=x.device).index_add_(0, cols, active.to(torch.int64)) > 0
     return StepResult(
-        loss=float(loss), reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
+        loss=loss_value, reconstruction=float(reconstruction.mean()), l0=float(l0_counts.double().mean()),
         total_variance=float(centred.pow(2).sum()), fired=fired, grads=grads,
         full_reconstruction=float(full_reconstruction.mean()),
     )
 
 
-def dense_training_step(module, x_raw: torch.Tensor, sparsity_coefficient: float,
-                        target_raw: torch.Tensor | None = None, *, target_l0: float | None = None,
-                        matryoshka_prefixes: Sequence[int] | None = None,
-                        matryoshka_weights: Sequence[float] | None = None) -> StepResult:
+def dense_training_step(module, x_raw: torch.Tensor, loss: LossOptions | float,
+                        target_raw: torch.Tensor | None = None, *, reduce_counts: CountReducer | None = None
+                        ) -> StepResult:
     """The plain dense step: ``module.training_forward`` and autograd (the reference the fast path matches).
 
-    The loss options are passed on only when set, so a module whose ``training_forward`` lacks them still
-    works for the plain loss. Gradients are returned for every parameter the module has (``W_skip`` too).
+    Gradients are returned for every parameter the module has (``W_skip`` too).
     """
-    options: dict = {}
-    if target_l0 is not None:
-        options["target_l0"] = target_l0
-    if matryoshka_prefixes is not None:
-        options["matryoshka_prefixes"] = matryoshka_prefixes
-        options["matryoshka_weights"] = matryoshka_weights
+    options = as_loss_options(loss)
+    extra = {} if reduce_counts is None else {"reduce_counts": reduce_counts}
     for p in module.parameters():
         p.grad = None
     if target_raw is None:
-        out = module.training_forward(x_raw, sparsity_coefficient, **options)
+        out = module.training_forward(x_raw, options, **extra)
         target = out.x
     else:
-        out = module.training_forward(x_raw, target_raw, sparsity_coefficient, **options)
+        out = module.training_forward(x_raw, target_raw, options, **extra)
         target = out.target
     out.loss.backward()
     with torch.no_grad():

@@ -261,12 +261,13 @@ void latent_order(int64_t B, int64_t d_sae, const int64_t* row_offsets, const in
 template <class T>
 void backward(int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_offsets, const int32_t* pair_of,
               const int32_t* token_of, const T* zv, const uint8_t* flags, const T* theta, T eps, T sparsity,
-              const T* token_scale, const T* W_dec, int64_t K, const int32_t* block_of, const T* g_xhat, const T* xc,
-              T* grad_W_dec,
+              const T* token_scale, const T* latent_scale, const T* W_dec, int64_t K, const int32_t* block_of,
+              const T* g_xhat, const T* xc, T* grad_W_dec,
               T* grad_W_enc_t, T* grad_b_enc, T* grad_theta, uint8_t* fired, bool project, int nthreads) {
   // g_xhat [B, K, d_out]: the forward's grad_bags (∂L/∂x̂ for K = 1; block_of null then); xc [B, d_in] the
   // encoder input; grad_W_enc_t [d_sae, d_in] (W_enc transposed)
-  // sparsity = (λ/B)/ε; token_scale (nullable) multiplies it per token (the target-L0 penalty)
+  // sparsity = (λ/B)/ε; token_scale (nullable) multiplies it per token (the target-L0 penalty);
+  // latent_scale (nullable) adds its latent's factor to that (the frequency penalty: μψ'(p_i))
   // project: remove from ∂L/∂W_dec[i] its component along W_dec[i] (decoder_norm.project_out_parallel_gradient)
   // Split the latents so each thread gets about the same number of pairs.
   int64_t P = latent_offsets[d_sae];
@@ -287,6 +288,7 @@ void backward(int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_
         T gb = 0, gt = 0;
         bool any = false;
         const T th = theta[i];
+        const T extra = latent_scale ? sparsity * latent_scale[i] : T(0);
         const int64_t bag = K > 1 ? block_of[i] : 0;
         for (int64_t q = latent_offsets[i]; q < latent_offsets[i + 1]; ++q) {
           if (q + PREFETCH_AHEAD < P) {
@@ -308,6 +310,7 @@ void backward(int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_
           }
           if (fl & 2) {
             T s = token_scale ? sparsity * token_scale[b] : sparsity;
+            if (latent_scale) s += extra;
             gt += gf * (-th / eps) - s;
           }
         }
@@ -378,21 +381,23 @@ void saescope_latent_order(int64_t B, int64_t d_sae, const int64_t* row_offsets,
 
 void saescope_backward(int dtype, int64_t d_sae, int64_t d_in, int64_t d_out, const int64_t* latent_offsets,
                        const int32_t* pair_of, const int32_t* token_of, const void* zv, const uint8_t* flags,
-                       const void* theta, double eps, double sparsity, const void* token_scale, const void* W_dec,
+                       const void* theta, double eps, double sparsity, const void* token_scale,
+                       const void* latent_scale, const void* W_dec,
                        int64_t K, const int32_t* block_of, const void* g_xhat, const void* xc, void* grad_W_dec,
                        void* grad_W_enc_t, void* grad_b_enc, void* grad_theta, uint8_t* fired, int project,
                        int nthreads) {
   if (dtype == 0)
     backward(d_sae, d_in, d_out, latent_offsets, pair_of, token_of, static_cast<const float*>(zv), flags,
              static_cast<const float*>(theta), static_cast<float>(eps), static_cast<float>(sparsity),
-             static_cast<const float*>(token_scale), static_cast<const float*>(W_dec), K, block_of,
+             static_cast<const float*>(token_scale), static_cast<const float*>(latent_scale),
+             static_cast<const float*>(W_dec), K, block_of,
              static_cast<const float*>(g_xhat), static_cast<const float*>(xc), static_cast<float*>(grad_W_dec),
              static_cast<float*>(grad_W_enc_t), static_cast<float*>(grad_b_enc), static_cast<float*>(grad_theta),
              fired, project != 0, nthreads);
   else
     backward(d_sae, d_in, d_out, latent_offsets, pair_of, token_of, static_cast<const double*>(zv), flags,
              static_cast<const double*>(theta), eps, sparsity, static_cast<const double*>(token_scale),
-             static_cast<const double*>(W_dec), K, block_of, static_cast<const double*>(g_xhat),
+             static_cast<const double*>(latent_scale), static_cast<const double*>(W_dec), K, block_of, static_cast<const double*>(g_xhat),
              static_cast<const double*>(xc), static_cast<double*>(grad_W_dec), static_cast<double*>(grad_W_enc_t),
              static_cast<double*>(grad_b_enc), static_cast<double*>(grad_theta), fired, project != 0, nthreads);
 }

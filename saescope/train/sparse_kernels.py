@@ -95,8 +95,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saescope_forward.restype = None
     lib.saescope_latent_order.argtypes = [i64, i64, p, p, p, p, p]
     lib.saescope_latent_order.restype = None
-    lib.saescope_backward.argtypes = [i32, i64, i64, i64, p, p, p, p, p, p, dbl, dbl, p, p, i64, p, p, p, p, p,
-                                      p, p, p, i32, i32]
+    lib.saescope_backward.argtypes = [i32, i64, i64, i64, p, p, p, p, p, p, dbl, dbl, p, p, p, i64, p, p, p, p,
+                                      p, p, p, p, i32, i32]
     lib.saescope_backward.restype = None
     return lib
 

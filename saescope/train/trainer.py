@@ -53,6 +53,7 @@ from saescope.train.decoder_norm import normalize_rows, project_out_parallel_gra
 from saescope.train.fast_path import dense_training_step, sparse_training_step
 from saescope.train.optim import Adam
 from saescope.train.schedules import learning_rate, sparsity_coefficient
+from saescope.train.step import SAEParams
 from saescope.version import __version__
 
 
@@ -133,46 +134,34 @@ class _Unit:
         """The skip transcoder's ``W_skip`` parameter (None for an SAE or a plain transcoder)."""
         return getattr(self.module, "W_skip", None)
 
-    def options(self) -> dict[str, Any]:
-        """The Gemma Scope 2 loss options of this SAE, as keyword arguments of both training steps (only the set
-        ones, so a plain SAE calls the steps exactly as before)."""
-        spec, out = self.spec, {}
-        if spec.target_l0 is not None:
-            out["target_l0"] = spec.target_l0
-        if spec.matryoshka_prefixes is not None:
-            out["matryoshka_prefixes"] = spec.matryoshka_prefixes
-            if spec.matryoshka_weights is not None:
-                out["matryoshka_weights"] = spec.matryoshka_weights
-        return out
-
     # ------------------------------------------------------------------ one step
     def step(self, batch: dict[str, torch.Tensor], step: int, config: TrainConfig, lr: float) -> None:
         spec, m = self.spec, self.module
         if self.lambda_base is None:
             raise SaescopeError(f"{spec.name}: λ was not set from the first batch (internal error)")
         lam = sparsity_coefficient(step, self.lambda_base, config.sparsity_warmup_steps)
-        options = self.options()
+        loss = spec.loss_options(lam)
         x_raw = batch[spec.site].to(config.device)
         target_raw = batch[spec.target_site].to(config.device) if spec.target_site else None
         par = self.parallel
+        # data parallel: the frequency penalty reads the global batch's firing counts
+        reduce_counts = (distributed.count_reducer(par.data_group)
+                         if loss.frequency and par is not None and par.data_shards > 1 else None)
         if self.latents is not None:      # latent sharding: the dense step with summed partial reconstructions
-            result = distributed.sharded_training_step(m, x_raw, lam, target_raw, par.latent_group,
-                                                       latent_offset=self.latents.start, d_sae=spec.width, **options)
+            result = distributed.sharded_training_step(m, x_raw, loss, target_raw, par.latent_group,
+                                                       latent_offset=self.latents.start, d_sae=spec.width,
+                                                       reduce_counts=reduce_counts)
         elif config.fast_path and self.density <= self.max_sparse_density:
             x = m.normalize(x_raw)
             target = m.normalize_target(target_raw) if target_raw is not None else None
-            if self.W_skip is not None:
-                options["W_skip"] = self.W_skip.detach()
-            result = sparse_training_step(m.W_enc.detach(), m.b_enc.detach(), m.W_dec.detach(),
-                                          m.b_dec.detach(), m.threshold.detach(), x, target, lam,
-                                          m.config.bandwidth, m.config.apply_b_dec_to_input, **options,
-                                          kernels=config.cpu_kernels, project_decoder_gradient=True,
-                                          reuse_gradient_buffers=True)   # Adam consumes them below
+            result = sparse_training_step(SAEParams.of(m), x, target, loss, kernels=config.cpu_kernels,
+                                          project_decoder_gradient=True, reuse_gradient_buffers=True,
+                                          reduce_counts=reduce_counts)   # Adam consumes the buffers below
         else:
             for p in m.parameters():
                 p.requires_grad_(True)
             try:
-                result = dense_training_step(m, x_raw, lam, target_raw, **options)
+                result = dense_training_step(m, x_raw, loss, target_raw, reduce_counts=reduce_counts)
             finally:
                 for p in m.parameters():
                     p.requires_grad_(False)
