@@ -24,13 +24,14 @@ class SAEConfig(BaseModel):
 
     ``architecture`` says which module the weights belong to: ``jumprelu`` (an SAE), ``jumprelu_transcoder``
     (App. B: reads ``d_in``, writes ``d_out``) or ``jumprelu_skip_transcoder`` (Gemma Scope 2: plus an affine
-    skip ``W_skip [d_in, d_out]``). ``d_out`` is None for an SAE (it writes what it reads, ``d_in``). Files
+    skip ``W_skip [d_in, d_out]``) or ``topk`` (a TopK SAE, with ``k``; :mod:`saescope.sae.topk`). ``d_out`` is None for an SAE (it writes what it reads, ``d_in``). Files
     written before these keys existed load as ``jumprelu`` with ``d_out`` None.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    architecture: Literal["jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"] = "jumprelu"
+    architecture: Literal["jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder", "topk"] = "jumprelu"
+    k: int | None = Field(None, gt=0, description="TopK SAEs: latents kept per token")
     d_in: int = Field(gt=0, description="width of the activation the SAE reads")
     d_sae: int = Field(gt=0, description="number of latents")
     d_out: int | None = Field(None, gt=0, description="width a transcoder writes; None for an SAE (= d_in)")
@@ -69,6 +70,10 @@ class SAEConfig(BaseModel):
         if not self.is_transcoder and self.d_out not in (None, self.d_in):
             raise ValueError(f"an SAE writes what it reads (d_out = d_in = {self.d_in}), got d_out={self.d_out}; "
                              "set architecture='jumprelu_transcoder' for a transcoder")
+        if (self.architecture == "topk") != (self.k is not None):
+            raise ValueError("k (latents kept per token) is set exactly for architecture 'topk'")
+        if self.k is not None and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} is more than the d_sae={self.d_sae} latents")
         if not self.is_transcoder and self.target_norm_scale is not None:
             raise ValueError("target_norm_scale is for transcoders (an SAE's target is its input: norm_scale)")
         if self.is_transcoder and self.apply_b_dec_to_input:

@@ -248,9 +248,9 @@ def test_corrupt_files_and_wrong_architecture_get_clear_errors(tmp_path):
         load_sae(folder)
     other = trained_like().save(tmp_path / "s", format="saelens")
     cfg = json.loads((other / "cfg.json").read_text())
-    cfg["architecture"] = "topk"
+    cfg["architecture"] = "gated"
     (other / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(SAEFileError, match="'topk'.*jumprelu"):
+    with pytest.raises(SAEFileError, match="'gated'.*jumprelu"):
         load_sae(other)
     with pytest.raises(SAEFileError, match="does not exist"):
         load_sae(tmp_path / "nowhere")

@@ -41,6 +41,9 @@ def save_sae(sae: JumpReLUSAE, path: str | Path, format: str = "native") -> Path
     """Write ``sae`` to the folder ``path`` in one of :data:`FORMATS`."""
     if format not in _SAVERS:
         raise ValueError(f"unknown SAE format {format!r}; choose one of {', '.join(FORMATS)}")
+    if sae.config.architecture == "topk" and format not in ("native", "saelens"):
+        raise ValueError(f"the {format} layout holds JumpReLU SAEs only; save a TopK SAE as native or saelens "
+                         "(a BatchTopK SAE is a JumpReLU and saves in every format)")
     return _SAVERS[format](sae, Path(path))
 
 

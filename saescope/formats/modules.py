@@ -2,7 +2,7 @@
 
 Every reader ends here, so ``load_sae`` returns a :class:`~saescope.sae.transcoder.JumpReLUTranscoder` for any
 transcoder file (with ``W_skip`` when the file holds the skip matrix) and a
-:class:`~saescope.sae.jumprelu.JumpReLUSAE` otherwise.
+:class:`~saescope.sae.topk.TopKSAE` for a TopK file and a :class:`~saescope.sae.jumprelu.JumpReLUSAE` otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 
 from saescope.config import SAEConfig
 from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.topk import TopKSAE
 from saescope.sae.transcoder import SKIP_NAME, JumpReLUTranscoder, transcoder_architecture
 
 
@@ -32,4 +33,6 @@ def module_from_parameters(params: dict[str, torch.Tensor], config: SAEConfig,
         config = config.model_copy(update={"architecture": transcoder_architecture(SKIP_NAME in params),
                                            "d_out": int(params["W_dec"].shape[1])})
         return JumpReLUTranscoder.from_parameters(params, config, device=device)
+    if config.architecture == "topk":
+        return TopKSAE.from_parameters(params, config, device=device)
     return JumpReLUSAE.from_parameters(params, config, device=device)

@@ -35,7 +35,7 @@ from saescope.sae.jumprelu import JumpReLUSAE, dtype_name
 from saescope.sae.transcoder import SKIP_NAME
 from saescope.version import __version__
 
-ARCHITECTURES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")   # SAELens names = ours
+ARCHITECTURES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder", "topk")   # SAELens names = ours
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_VERSION_WRITTEN = "6.54.12"   # the cfg layout we write is the one this SAELens version writes
@@ -82,6 +82,8 @@ def save_saelens(sae: JumpReLUSAE, folder: Path, *, context_size: int | None = N
     folder.mkdir(parents=True, exist_ok=True)
     c = sae.config
     tensors = {name: (t.T if name == SKIP_NAME else t).contiguous().cpu() for name, t in sae.state_tensors().items()}
+    if c.architecture == "topk":        # SAELens's TopK SAE has no threshold (ours is 0: ReLU before TopK)
+        tensors.pop("threshold")
     save_file(tensors, str(folder / WEIGHTS_FILE))
     cfg: dict[str, Any] = {
         "d_in": c.d_in,
@@ -104,6 +106,9 @@ def save_saelens(sae: JumpReLUSAE, folder: Path, *, context_size: int | None = N
         },
         "architecture": c.architecture,
     }
+    if c.architecture == "topk":
+        cfg["k"] = c.k
+        cfg["rescale_acts_by_decoder_norm"] = False
     if c.is_transcoder:
         cfg["d_out"] = c.output_width
         cfg["metadata"]["hook_name_out"] = hook_name("mlp_out", c.layer) if c.site == "mlp_in" else None
@@ -119,7 +124,13 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
     if architecture not in ARCHITECTURES:
         raise SAEFileError(cfg_path, f"describes a '{architecture}' SAE", key="architecture",
                            expected=f"one of {', '.join(ARCHITECTURES)}; saescope reads JumpReLU SAEs and transcoders")
-    transcoder = architecture != "jumprelu"
+    transcoder = architecture not in ("jumprelu", "topk")
+    topk = architecture == "topk"
+    if topk and (not isinstance(cfg.get("k"), int) or cfg["k"] <= 0):
+        raise SAEFileError(cfg_path, f"is {cfg.get('k')!r}", key="k", expected="a positive integer (TopK's k)")
+    if topk and cfg.get("rescale_acts_by_decoder_norm"):
+        raise SAEFileError(cfg_path, "is true", key="rescale_acts_by_decoder_norm",
+                           expected="false: fold the decoder norms into the weights in SAELens, then save again")
     normalize = cfg.get("normalize_activations", "none")
     if normalize not in ("none", None):
         raise SAEFileError(cfg_path, f"asks for run-time activation normalization '{normalize}'",
@@ -139,6 +150,8 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
     tensors = read_safetensors(weights_path)
     if "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
+    if topk and "threshold" not in tensors and "b_enc" in tensors:      # TopK: ReLU, then the k largest
+        tensors["threshold"] = torch.zeros_like(tensors["b_enc"])
     skip = architecture == "jumprelu_skip_transcoder"
     if skip != (SKIP_NAME in tensors):
         raise SAEFileError(weights_path, "holds a W_skip matrix" if not skip else "has no W_skip matrix",
@@ -162,6 +175,7 @@ def load_saelens(folder: Path, *, expect_d_in: int | None = None,
         d_in=cfg["d_in"], d_sae=cfg["d_sae"], norm_scale=1.0, apply_b_dec_to_input=apply_b_dec,
         standardized=not apply_b_dec, dtype=dtype, model=meta("model_name"), site=site, layer=layer,
         hook_point=meta("hook_name"), architecture=architecture, d_out=cfg["d_out"] if transcoder else None,
+        k=cfg["k"] if topk else None,
         training={"source": "saelens", "sae_lens_version": meta("sae_lens_version"),
                   "context_size": meta("context_size")},
     )

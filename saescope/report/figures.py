@@ -23,9 +23,15 @@ import matplotlib.pyplot as plt
 
 
 def group_key(result: Mapping[str, Any]) -> str:
-    """Curves are drawn per site and width (and kind), as in the paper's frontier plots."""
+    """Curves are drawn per site and width (and kind), as in the paper's frontier plots; TopK / BatchTopK
+    baselines and SAEs trained with the frequency penalty get curves of their own."""
     prefix = "transcoder " if result.get("kind") == "transcoder" else ""
-    return f"{prefix}{result['site']} · width {result['d_sae']}"
+    training = result.get("training") or {}
+    baseline = {"topk": "TopK ", "batchtopk": "BatchTopK "}.get(training.get("architecture"), "")
+    label = f"{baseline}{prefix}{result['site']} · width {result['d_sae']}"
+    if training.get("frequency_penalty"):
+        label += f" · frequency penalty {training['frequency_penalty']:g}"
+    return label
 
 
 def _groups(results: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:

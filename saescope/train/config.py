@@ -71,6 +71,9 @@ class SAESpec(BaseModel):
         None, ge=0, description="λ, the coefficient of the L0 penalty (of the quadratic penalty with target_l0, "
         "where it may be left out)")
     kind: Literal["sae", "transcoder"] = "sae"
+    architecture: Literal["jumprelu", "topk", "batchtopk"] = Field(
+        "jumprelu", description="jumprelu (the recipe) or a baseline trained on the same batches: topk, batchtopk")
+    k: int | None = Field(None, gt=0, description="topk / batchtopk: latents kept per token (mean per token)")
     target_site: str | None = Field(None, description="transcoders only: the site to predict")
     target_l0: float | None = Field(None, gt=0, description="Gemma Scope 2: train toward this L0 with the "
                                     "quadratic penalty instead of λ·L0")
@@ -104,6 +107,11 @@ class SAESpec(BaseModel):
 
     @model_validator(mode="after")
     def _penalty_and_options(self) -> SAESpec:
+        if self.architecture != "jumprelu":
+            return self._baseline_options()
+        if self.k is not None:
+            raise ValueError(f"k is for architecture topk or batchtopk; the JumpReLU SAE on {self.site} takes "
+                             "sparsity_coefficient or target_l0")
         if self.sparsity_coefficient is None and self.target_l0 is None:
             raise ValueError(f"{self.site} width {self.width}: give sparsity_coefficient (λ) or target_l0")
         if self.target_l0 is not None and self.target_l0 > self.width:
@@ -131,6 +139,24 @@ class SAESpec(BaseModel):
                              "have one: drop skip or set kind = 'transcoder' on an mlp_in site")
         return self
 
+    def _baseline_options(self) -> SAESpec:
+        """TopK / BatchTopK: ``k`` and nothing of the JumpReLU loss."""
+        name = f"{self.architecture} SAE on {self.site}"
+        if self.k is None:
+            raise ValueError(f"the {name} needs k, the number of latents kept per token")
+        if self.k > self.width:
+            raise ValueError(f"k={self.k} is more latents than the width {self.width}")
+        if self.kind != "sae":
+            raise ValueError(f"{self.architecture} is an SAE architecture; transcoders are JumpReLU")
+        given = [key for key in ("sparsity_coefficient", "target_l0", "matryoshka_prefixes", "matryoshka_weights",
+                                 "frequency_penalty") if getattr(self, key) not in (None, 0.0)]
+        if given:
+            raise ValueError(f"the {name} has no sparsity penalty (k sets its L0): drop {', '.join(given)}")
+        object.__setattr__(self, "frequency_penalty", 0.0)
+        if self.frequency_cap is None:
+            object.__setattr__(self, "frequency_cap", DEFAULT_FREQUENCY_CAP)
+        return self
+
     @model_validator(mode="after")
     def _transcoder_sites(self) -> SAESpec:
         if self.kind == "sae":
@@ -152,6 +178,8 @@ class SAESpec(BaseModel):
         ``.../target_l0_60`` (``target_l0_60_lambda_0.5`` with an explicit λ), ``_matryoshka`` (default
         prefixes and weights) or ``_matryoshka_<hash>`` appended, ``transcoder_skip/`` for skip transcoders."""
         prefix = ("transcoder_skip/" if self.skip else "transcoder/") if self.kind == "transcoder" else ""
+        if self.architecture != "jumprelu":
+            return f"{self.site}/width_{width_label(self.width)}/{self.architecture}_{self.k}"
         if self.target_l0 is None:
             penalty = f"lambda_{self.sparsity_coefficient:g}"
         else:
@@ -214,7 +242,8 @@ class SAESpec(BaseModel):
 NEW_SPEC_DEFAULTS: dict[str, Any] = {"target_l0": None, "matryoshka_prefixes": None, "matryoshka_weights": None,
                                      "skip": False, "threshold_lr_scale": None,
                                      # absent from older runs = the penalty was off
-                                     "frequency_penalty": 0.0, "frequency_cap": DEFAULT_FREQUENCY_CAP}
+                                     "frequency_penalty": 0.0, "frequency_cap": DEFAULT_FREQUENCY_CAP,
+                                     "architecture": "jumprelu", "k": None}
 """Spec fields added later (Gemma Scope 2, per-SAE θ lr), with the defaults that leave the fingerprint as before."""
 
 

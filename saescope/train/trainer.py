@@ -38,6 +38,7 @@ from saescope import distributed
 from saescope.config import Site
 from saescope.errors import SaescopeError
 from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.topk import TopKSAE, batch_topk_training_forward, update_batch_topk_threshold
 from saescope.sae.transcoder import JumpReLUTranscoder
 from saescope.train import checkpoint as ckpt
 from saescope.train import sparse_kernels
@@ -53,7 +54,7 @@ from saescope.train.decoder_norm import normalize_rows, project_out_parallel_gra
 from saescope.train.fast_path import dense_training_step, sparse_training_step
 from saescope.train.optim import Adam
 from saescope.train.schedules import learning_rate, sparsity_coefficient
-from saescope.train.step import SAEParams
+from saescope.train.step import SAEParams, StepResult
 from saescope.version import __version__
 
 
@@ -92,16 +93,24 @@ class _Unit:
                 common["skip"] = True
             self.module: JumpReLUSAE = JumpReLUTranscoder(d_in, spec.width, norm_scale, d_out=d_out,
                                                           target_norm_scale=target_norm_scale, **common)
-        else:
+        elif spec.architecture == "topk":
+            self.module = TopKSAE(d_in, spec.width, norm_scale, k=spec.k, **common)
+        else:       # JumpReLU, or BatchTopK (a JumpReLU SAE at inference, θ from the batch selection)
             self.module = JumpReLUSAE(d_in, spec.width, norm_scale, **common)
         m = self.module
+        self.baseline = spec.architecture != "jumprelu"      # TopK / BatchTopK: no θ to train, no λ
+        if self.baseline and parallel is not None and (
+                parallel.latent_shards > 1 or (spec.architecture == "batchtopk" and parallel.data_shards > 1)):
+            raise SaescopeError(f"{spec.name}: {spec.architecture} SAEs train in one process or, for topk, data "
+                                "parallel without latent sharding (BatchTopK selects over the whole batch)")
         with torch.no_grad():
-            m.threshold.fill_(config.initial_threshold)
+            if spec.architecture != "topk":
+                m.threshold.fill_(config.initial_threshold)
         # latent sharding: keep only this rank's latents (every rank drew the same full initialisation)
         self.latents = (parallel.latent_slice(spec.width) if parallel is not None and parallel.latent_shards > 1
                         else None)
         # λ: the spec's, or (target_l0 without λ) DEFAULT_TARGET_L0_LAMBDA × E‖t‖², set from the first batch
-        self.lambda_base: float | None = spec.sparsity_coefficient
+        self.lambda_base: float | None = 0.0 if self.baseline else spec.sparsity_coefficient
         if self.latents is not None:
             self._set_latent_parameters({name: t[:, self.latents] if name == "W_enc" else
                                          t if name == "b_dec" else t[self.latents]
@@ -115,9 +124,10 @@ class _Unit:
         self.W_enc_t = m.W_enc.detach().t().contiguous()
         m.W_enc.data = self.W_enc_t.t()
         self.log_threshold = (torch.log(m.threshold.detach().clone())
-                              if config.threshold_parameterization == "log" else None)
-        params = {"W_enc": self.W_enc_t, "b_enc": m.b_enc.data, "W_dec": m.W_dec.data, "b_dec": m.b_dec.data,
-                  "threshold": self.log_threshold if self.log_threshold is not None else m.threshold.data}
+                              if config.threshold_parameterization == "log" and not self.baseline else None)
+        params = {"W_enc": self.W_enc_t, "b_enc": m.b_enc.data, "W_dec": m.W_dec.data, "b_dec": m.b_dec.data}
+        if not self.baseline:
+            params["threshold"] = self.log_threshold if self.log_threshold is not None else m.threshold.data
         if self.W_skip is not None:       # skip transcoder: W_skip [d_in, d_out] trained with the rest
             params["W_skip"] = self.W_skip.data
         self.adam = Adam(params, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps,
@@ -147,7 +157,11 @@ class _Unit:
         # data parallel: the frequency penalty reads the global batch's firing counts
         reduce_counts = (distributed.count_reducer(par.data_group)
                          if loss.frequency and par is not None and par.data_shards > 1 else None)
-        if self.latents is not None:      # latent sharding: the dense step with summed partial reconstructions
+        if self.baseline:                 # TopK / BatchTopK: the dense step on the reconstruction alone
+            result, kept_min = baseline_training_step(m, x_raw, spec.architecture, spec.k)
+            if spec.architecture == "batchtopk":
+                update_batch_topk_threshold(m, kept_min, first=step == 0)
+        elif self.latents is not None:    # latent sharding: the dense step with summed partial reconstructions
             result = distributed.sharded_training_step(m, x_raw, loss, target_raw, par.latent_group,
                                                        latent_offset=self.latents.start, d_sae=spec.width,
                                                        reduce_counts=reduce_counts)
@@ -183,7 +197,7 @@ class _Unit:
             self.adam.step(grads, lr)
             if self.log_threshold is not None:
                 m.threshold.copy_(torch.exp(self.log_threshold))
-            else:
+            elif not self.baseline:
                 m.threshold.clamp_(min=0.0)
             normalize_rows(m.W_dec)
         self.tokens_since_fired += batch_tokens
@@ -276,6 +290,33 @@ class _Unit:
         if self.log_threshold is not None:
             self.log_threshold.copy_(tensors[f"{prefix}/log_threshold"])
         self.tokens_since_fired.copy_(tensors[f"{prefix}/tokens_since_fired"])
+
+
+def baseline_training_step(module: JumpReLUSAE, x_raw: torch.Tensor, architecture: str, k: int
+                           ) -> tuple[StepResult, float | None]:
+    """One TopK / BatchTopK step (:mod:`saescope.sae.topk`): ``mean_b ‖x − x̂‖²`` and autograd; for BatchTopK
+    also the smallest value the batch kept (its inference threshold's sample)."""
+    for p in module.parameters():
+        p.grad = None
+        p.requires_grad_(True)
+    try:
+        if architecture == "topk":
+            out, kept_min = module.training_forward(x_raw), None
+        else:
+            out, kept_min = batch_topk_training_forward(module, x_raw, k)
+        out.loss.backward()
+        grads = {name: getattr(module, name).grad for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    finally:
+        for p in module.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+    with torch.no_grad():
+        centred = out.x - out.x.mean(dim=0)
+        reconstruction = float(out.reconstruction.detach().mean())
+    return StepResult(loss=float(out.loss.detach()), reconstruction=reconstruction,
+                      l0=float(out.l0.to(torch.float64).mean()), total_variance=float(centred.pow(2).sum()),
+                      fired=(out.latents.detach() != 0).any(dim=0), grads=grads,
+                      full_reconstruction=reconstruction), kept_min
 
 
 class Trainer:
@@ -666,7 +707,7 @@ class Trainer:
             if q is None and not fired_rows:
                 continue
             z = m.pre_activations(x_raw).to(torch.float64)
-            if q is not None:
+            if q is not None and not unit.baseline:
                 theta = torch.quantile(z, q, dim=0).clamp_min(self.config.initial_threshold)
                 m.threshold.copy_(theta.to(m.threshold.dtype))
                 if unit.log_threshold is not None:
@@ -708,6 +749,12 @@ class Trainer:
                 training["target_site"] = spec.target_site
             if spec.target_l0 is not None:
                 training["target_l0"] = spec.target_l0
+            if spec.frequency_penalty:
+                training["frequency_penalty"] = spec.frequency_penalty
+                training["frequency_cap"] = spec.frequency_cap
+            if unit.baseline:
+                training["architecture"] = spec.architecture
+                training["k"] = spec.k
             if spec.matryoshka_prefixes is not None:
                 training["matryoshka_prefixes"] = list(spec.matryoshka_prefixes)
                 training["matryoshka_weights"] = list(spec.matryoshka_weights or [1.0] * len(spec.matryoshka_prefixes))
