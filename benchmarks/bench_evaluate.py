@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from saescope.evaluate import EvalBatch, evaluate_saes
+from saescope.evaluate import EvalBatch, MetricOptions, evaluate_saes
 from saescope.models import load_model
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.splice import run_with_splice
@@ -57,7 +57,7 @@ def main() -> None:
         return out
 
     def suite() -> dict[str, float]:
-        res = evaluate_saes(lm, saes, batch, uniformity_tokens=0, progress=False)
+        res = evaluate_saes(lm, saes, batch, MetricOptions(uniformity_tokens=0), progress=False)
         return {r["name"]: r["metrics"]["delta_loss"] for r in res}
 
     plain(), suite()  # warm-up

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saescope.evaluate import EvalBatch, clean_pass, evaluate_saes, spliced_losses
+from saescope.evaluate import EvalBatch, MetricOptions, clean_pass, evaluate_saes, spliced_losses
 from saescope.evaluate.run import EvalConfig, held_out_batches
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.splice import run_with_splice
@@ -50,7 +50,7 @@ def test_suite_evaluation_on_gemma3_270m(gemma):
     with torch.no_grad():
         sae.threshold.fill_(0.05)
     result = evaluate_saes(gemma.model, {"random": sae.standardize()},
-                           [EvalBatch(b.domain, b.input_ids, b.mask) for b in batches], uniformity_tokens=32,
+                           [EvalBatch(b.domain, b.input_ids, b.mask) for b in batches], MetricOptions(uniformity_tokens=32),
                            progress=False)[0]
     m = result["metrics"]
     assert m["l0"] > 0 and m["fvu"] > 0.5  # an untrained SAE reconstructs poorly ...

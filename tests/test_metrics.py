@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from saescope.evaluate import EvalBatch, evaluate_saes
+from saescope.evaluate import EvalBatch, MetricOptions, evaluate_saes
 from saescope.evaluate.metrics import (
     LossAccumulator,
     ReconstructionAccumulator,
@@ -175,8 +175,8 @@ def test_evaluate_saes_matches_an_independent_computation():
         mask[:, 0] = False  # BOS
         mask[1, 9] = False  # an EOS inside the window
         batches.append(EvalBatch("python" if i == 1 else "shakespeare", ids, mask))
-    results = {r["name"]: r for r in evaluate_saes(model, saes, batches, uniformity_tokens=0, progress=False,
-                                                   token_chunk=5)}
+    results = {r["name"]: r for r in evaluate_saes(model, saes, batches, MetricOptions(uniformity_tokens=0),
+                                                   progress=False, token_chunk=5)}
     for name, sae in saes.items():
         site = f"{sae.config.site}/layer_{sae.config.layer}"
         xs, xhs, fs, clean, spliced = [], [], [], [], []
@@ -217,7 +217,7 @@ def test_suite_uniformity_matches_a_full_model_autograd_computation():
     ids = torch.randint(0, 211, (2, 12), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[:, 0] = False
-    result = evaluate_saes(model, {"s": sae}, [EvalBatch("d", ids, mask)], uniformity_tokens=1000,
+    result = evaluate_saes(model, {"s": sae}, [EvalBatch("d", ids, mask)], MetricOptions(uniformity_tokens=1000),
                            progress=False)[0]["metrics"]
     site = "mlp_out/layer_2"
     x = read_sites(model, ids, [site])[site]

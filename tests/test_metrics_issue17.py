@@ -225,7 +225,7 @@ def test_suite_reports_windows_interval_principal_fvu_and_dense_share():
     activations, dense share comes from the firing frequencies, zero-ablation stops at its token cap."""
     from test_metrics import _sae, _tiny_gemma3
 
-    from saescope.evaluate import EvalBatch, evaluate_saes
+    from saescope.evaluate import EvalBatch, MetricOptions, evaluate_saes
     from saescope.sites import read_sites
     from saescope.splice import run_with_splice
 
@@ -238,8 +238,9 @@ def test_suite_reports_windows_interval_principal_fvu_and_dense_share():
         mask = torch.ones_like(ids, dtype=torch.bool)
         mask[:, 0] = False
         batches.append(EvalBatch("shakespeare", ids, mask))
-    (r,) = evaluate_saes(model, {"res": sae}, batches, uniformity_tokens=0, progress=False,
-                         bootstrap_samples=400, confidence=0.9, bootstrap_seed=2, zero_ablation_tokens=25)
+    options = MetricOptions(uniformity_tokens=0, bootstrap_samples=400, confidence=0.9, bootstrap_seed=2,
+                            zero_ablation_tokens=25)
+    (r,) = evaluate_saes(model, {"res": sae}, batches, options, progress=False)
     m = r["metrics"]
     site = "resid_post/layer_1"
     n_w, c_w, s_w, xs, xhs, fs = [], [], [], [], [], []

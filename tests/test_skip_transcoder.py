@@ -171,7 +171,7 @@ def test_evaluator_splices_the_skip_transcoder_output_into_a_tiny_gemma3():
     ``forward(mlp_in)`` written over ``mlp_out`` (read with a plain torch hook on the folded model)."""
     import transformers
 
-    from saescope.evaluate.suite import EvalBatch, evaluate_saes
+    from saescope.evaluate.suite import EvalBatch, MetricOptions, evaluate_saes
     from saescope.folding import fold_mlp_in_norm
     from saescope.splice import run_with_splice
 
@@ -208,7 +208,8 @@ def test_evaluator_splices_the_skip_transcoder_output_into_a_tiny_gemma3():
         out = run_with_splice(model, ids, "mlp_out/layer_1", lambda a: replacement, splice_mask=mask)
         return float(out.loss_per_token[counted].double().mean())
 
-    [result] = evaluate_saes(model, {"tc": tc}, [EvalBatch("d", ids, mask)], uniformity_tokens=0, progress=False)
+    [result] = evaluate_saes(model, {"tc": tc}, [EvalBatch("d", ids, mask)], MetricOptions(uniformity_tokens=0),
+                             progress=False)
     assert result["kind"] == "transcoder"
     assert result["metrics"]["spliced_loss"] == pytest.approx(reference(y_hat), abs=1e-5)
     assert abs(reference(no_skip) - reference(y_hat)) > 1e-3      # the skip term changed the loss

@@ -22,7 +22,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from saescope.errors import SaescopeError
-from saescope.evaluate.suite import EvalBatch, EvalTarget, evaluate_saes, table_rows, write_eval
+from saescope.evaluate.suite import (
+    EvalBatch,
+    EvalTarget,
+    MetricOptions,
+    evaluate_saes,
+    table_rows,
+    write_eval,
+)
 
 
 class EvalConfig(BaseModel):
@@ -59,6 +66,13 @@ class EvalConfig(BaseModel):
         if not value:
             raise ValueError("give at least one text domain, e.g. shakespeare")
         return value
+
+    def metric_options(self) -> MetricOptions:
+        """The settings :func:`~saescope.evaluate.suite.evaluate_saes` reads from this config."""
+        return MetricOptions(uniformity_tokens=self.uniformity_tokens, position_bins=self.position_bins,
+                             principal_directions=self.principal_directions,
+                             bootstrap_samples=self.bootstrap_samples, confidence=self.confidence,
+                             bootstrap_seed=self.bootstrap_seed, zero_ablation_tokens=self.zero_ablation_tokens)
 
 
 def find_suite(run_dir: str | Path) -> list[Path]:
@@ -159,13 +173,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, model
     batches = held_out_batches(tokenizer, config)
     start = time.perf_counter()
     with torch.inference_mode(False):
-        results = evaluate_saes(lm, targets, batches, uniformity_tokens=config.uniformity_tokens,
-                                chunk_size=config.chunk_size, position_bins=config.position_bins,
-                                progress=progress, total_batches=len(batches),
-                                principal_directions=config.principal_directions,
-                                bootstrap_samples=config.bootstrap_samples, confidence=config.confidence,
-                                bootstrap_seed=config.bootstrap_seed,
-                                zero_ablation_tokens=config.zero_ablation_tokens)
+        results = evaluate_saes(lm, targets, batches, config.metric_options(), chunk_size=config.chunk_size,
+                                progress=progress, total_batches=len(batches))
     seconds = time.perf_counter() - start
     return write_eval(results, run_dir / "eval", extra={
         "eval_config": config.model_dump(), "model": getattr(model, "name", None), "seconds": seconds,

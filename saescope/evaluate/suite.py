@@ -96,41 +96,66 @@ def _reconstruct(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return f, sae.decode(f)
 
 
+@dataclass(frozen=True)
+class MetricOptions:
+    """What the suite evaluator measures beyond L0/FVU/Δ loss, and how precisely (validated once).
+
+    ``uniformity_tokens`` caps the tokens per SAE used for App. C.3 (it needs a backward pass per batch; 0: off).
+    ``position_bins`` groups positions for Δ loss by position (App. C.2). ``principal_directions`` is k of
+    ``fvu_top``/``fvu_rest`` (0: skip). ``bootstrap_samples``, ``confidence`` and ``bootstrap_seed`` set the
+    paired bootstrap interval of Δ loss over windows (each row of a batch is one window;
+    :func:`~saescope.evaluate.metrics.bootstrap_delta_loss`). ``zero_ablation_tokens`` caps the tokens per site
+    and domain that are also run zero-ablated (for loss recovered; whole batches, from the first; None: every
+    batch). Zero-ablation costs as much as one more SAE per site, and its loss (~20 nats on Gemma 3) needs far
+    fewer tokens than Δ loss to be known well. :meth:`saescope.evaluate.run.EvalConfig.metric_options` builds
+    one from an evaluation config.
+    """
+
+    uniformity_tokens: int = 4096
+    position_bins: int = 32
+    principal_directions: int = 1
+    bootstrap_samples: int = 2000
+    confidence: float = 0.95
+    bootstrap_seed: int = 0
+    zero_ablation_tokens: int | None = 16384
+
+    def __post_init__(self) -> None:
+        if self.principal_directions < 0 or self.bootstrap_samples < 1 or not 0 < self.confidence < 1:
+            raise SaescopeError(f"principal_directions must be ≥ 0 (got {self.principal_directions}), "
+                                f"bootstrap_samples ≥ 1 (got {self.bootstrap_samples}) and confidence in (0, 1) "
+                                f"(got {self.confidence})")
+
+    @property
+    def bootstrap(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`~saescope.evaluate.metrics.LossAccumulator.result`'s interval."""
+        return {"n_boot": self.bootstrap_samples, "confidence": self.confidence, "seed": self.bootstrap_seed}
+
+
 @torch.no_grad()
 def evaluate_saes(
     model: Any,
     saes: Mapping[str, Any] | Sequence[EvalTarget],
     batches: Iterable[EvalBatch],
+    metrics: MetricOptions | None = None,
     *,
-    uniformity_tokens: int = 4096,
     chunk_size: int = 512,
-    position_bins: int = 32,
     token_chunk: int = 2048,
     progress: bool = True,
     total_batches: int | None = None,
-    principal_directions: int = 1,
-    bootstrap_samples: int = 2000,
-    confidence: float = 0.95,
-    bootstrap_seed: int = 0,
-    zero_ablation_tokens: int | None = 16384,
 ) -> list[dict[str, Any]]:
     """Evaluate every SAE of ``saes`` on ``batches``; returns one result dict per SAE (JSON-ready).
 
     ``saes`` maps names to SAE objects (``encode``/``decode``/``W_dec`` and ``config.site``/``layer``) or is
-    a list of :class:`EvalTarget`. ``uniformity_tokens`` caps the tokens (per SAE) used for App. C.3
-    (it needs a backward pass per batch); 0 turns it off. With ``total_batches`` known, the batches that
-    carry the gradient are spread evenly over the evaluation (every ``total_batches // needed``-th), so the
-    statistic samples every domain rather than the first windows. Latents are built ``token_chunk`` tokens at a time, so memory
-    stays bounded for wide SAEs. ``principal_directions`` is k of ``fvu_top``/``fvu_rest`` (0: skip);
-    ``bootstrap_samples``, ``confidence`` and ``bootstrap_seed`` set the paired bootstrap interval of Δ loss
-    over windows (each row of a batch is one window; :func:`~saescope.evaluate.metrics.bootstrap_delta_loss`).
-    ``zero_ablation_tokens`` caps the tokens per site and domain that are also run zero-ablated (for loss
-    recovered; whole batches, from the first; None: every batch). Zero-ablation costs as much as one more SAE
-    per site, and its loss (~20 nats on Gemma 3) needs far fewer tokens than Δ loss to be known well.
+    a list of :class:`EvalTarget`. ``metrics`` (:class:`MetricOptions`, default: its defaults) sets the
+    uniformity, Δ-loss-interval, principal-direction and zero-ablation settings. With ``total_batches`` known,
+    the batches that carry the App. C.3 gradient are spread evenly over the evaluation (every
+    ``total_batches // needed``-th), so the statistic samples every domain rather than the first windows.
+    Latents are built ``token_chunk`` tokens at a time, so memory stays bounded for wide SAEs; ``chunk_size``
+    tokens are unembedded at once.
     """
-    if principal_directions < 0 or bootstrap_samples < 1 or not 0 < confidence < 1:
-        raise SaescopeError(f"principal_directions must be ≥ 0 (got {principal_directions}), bootstrap_samples "
-                            f"≥ 1 (got {bootstrap_samples}) and confidence in (0, 1) (got {confidence})")
+    metrics = MetricOptions() if metrics is None else metrics
+    uniformity_tokens, zero_ablation_tokens = metrics.uniformity_tokens, metrics.zero_ablation_tokens
+    principal_directions = metrics.principal_directions
     targets = [EvalTarget.of(n, s) for n, s in saes.items()] if isinstance(saes, Mapping) else list(saes)
     if not targets:
         raise SaescopeError("no SAEs to evaluate")
@@ -207,8 +232,7 @@ def evaluate_saes(
         state = states[t.name]
         if "all" not in state.recon:
             raise SaescopeError("no evaluation batches were given (or every position was masked)")
-        results.append(_result(t, state, position_bins, {"n_boot": bootstrap_samples, "confidence": confidence,
-                                                         "seed": bootstrap_seed}))
+        results.append(_result(t, state, metrics.position_bins, metrics.bootstrap))
     return results
 
 
