@@ -33,7 +33,7 @@ import time
 import torch
 
 from saescope.train.config import SAESpec, TrainConfig
-from saescope.train.trainer import _Unit
+from saescope.train.unit import TrainingUnit
 
 
 def _sync(device: str) -> None:
@@ -73,11 +73,11 @@ def main() -> None:
     site = "resid_post/layer_6"
     spec = SAESpec(site=site, width=args.d_sae, sparsity_coefficient=1e-3)
 
-    def make_unit(fast: bool, kernels: bool = True) -> _Unit:
+    def make_unit(fast: bool, kernels: bool = True) -> TrainingUnit:
         cfg = TrainConfig(saes=[spec], total_tokens=10 * args.batch, batch_size=args.batch, device=device,
                           fast_path=fast, fast_path_max_density=1.0, sparsity_warmup_steps=0, lr_warmup_steps=0,
                           cpu_kernels=kernels)
-        unit = _Unit(spec, cfg, 1.0, args.d_in, args.d_in)
+        unit = TrainingUnit(spec, cfg, 1.0, args.d_in, args.d_in)
         unit.density = 0.0      # time the path asked for from the first step
         with torch.no_grad():   # one threshold for all latents at the quantile that gives L0 ≈ target
             z = unit.module.pre_activations(batches[0][:512]).flatten()

@@ -1,7 +1,8 @@
 """A suite of SAEs on disk, and exporting it in the Gemma Scope release layouts.
 
 saescope writes a trained suite as ``suite/<kind>/layer_<L>/width_<W>/average_l0_<k>/`` in the native format
-(see ``shared/DESIGN.md``). :func:`export_suite` rewrites it in either release layout:
+(see ``shared/DESIGN.md``), with ``suite/training_summary.json`` listing every member (:func:`write_suite`).
+:func:`export_suite` rewrites it in either release layout:
 
 - ``gemma-scope`` (Gemma Scope, Gemma 2): ``<kind>/layer_<L>/width_<W>/average_l0_<k>/params.npz``;
 - ``gemma-scope-2`` (Gemma 3): ``<kind>/layer_<L>_width_<W>_l0_<size>/params.safetensors + config.json``,
@@ -18,9 +19,13 @@ with a skip transcoder to the ``gemma-scope`` layout is refused before anything 
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from saescope.config import Site
 from saescope.errors import SAEFileError, SaescopeError
@@ -52,6 +57,50 @@ class SuiteEntry:
     def affine(self) -> bool:
         """A skip transcoder (Gemma Scope 2's "affine skip connection")."""
         return self.architecture == "jumprelu_skip_transcoder"
+
+
+@dataclass(frozen=True)
+class SuiteMember:
+    """A trained SAE about to join a run's suite: its name, its standardized module (anything with
+    ``save(folder)``), where it reads (``site`` id, ``kind`` sae / transcoder), its width and the training record
+    its ``config.json`` holds (``final_l0`` names the folder)."""
+
+    name: str
+    sae: Any
+    site: str
+    kind: str
+    width: int
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def relative_folder(self) -> Path:
+        """``<site>/width_<W>/average_l0_<k>`` (transcoders under ``transcoder/layer_<L>``), ``k`` the rounded L0."""
+        site = (Path("transcoder") / f"layer_{Site.parse(self.site).layer}" if self.kind == "transcoder"
+                else Path(self.site))
+        l0 = float(self.training.get("final_l0", float("nan")))
+        return site / f"width_{width_name(self.width)}" / f"average_l0_{round(l0) if math.isfinite(l0) else 0}"
+
+
+def write_suite(run_dir: str | Path, members: Sequence[SuiteMember]) -> dict[str, Path]:
+    """Save each member under ``RUN_DIR/suite/<relative_folder>`` (a second SAE landing on the same folder gets
+    ``_2``, ``_3``, …) and list them all in ``suite/training_summary.json``; returns ``{name: folder}``."""
+    run_dir = Path(run_dir)
+    out: dict[str, Path] = {}
+    used: set[Path] = set()
+    rows = []
+    for member in members:
+        base = folder = run_dir / "suite" / member.relative_folder
+        n = 2
+        while folder in used:
+            folder = base.with_name(f"{base.name}_{n}")
+            n += 1
+        used.add(folder)
+        member.sae.save(folder)
+        out[member.name] = folder
+        rows.append({"sae": member.name, "folder": str(folder.relative_to(run_dir)), **member.training})
+    (run_dir / "suite").mkdir(parents=True, exist_ok=True)
+    (run_dir / "suite" / "training_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return out
 
 
 def sae_folders(run_dir: str | Path) -> list[Path]:

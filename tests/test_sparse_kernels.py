@@ -309,7 +309,7 @@ def test_sparse_step_up_to_a_higher_density_on_the_kernels(tmp_path, monkeypatch
     """fast_path_max_density None: the sparse step up to L0/width 0.1 on the kernels, 0.05 on torch ops (where
     it stops paying); an explicit value wins."""
     from saescope.train import SAESpec, TrainConfig
-    from saescope.train.trainer import max_sparse_density
+    from saescope.train.unit import max_sparse_density
 
     cfg = TrainConfig(saes=[SAESpec(site="resid_post/layer_2", width=64, sparsity_coefficient=0.1)],
                       total_tokens=10_000)

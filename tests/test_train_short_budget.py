@@ -34,8 +34,8 @@ def _initialised(tmp_path, k, specs=None, q=0.9):
     trainer = Trainer(cfg, source, {s: source.norm_scale(s) for s in acts}, progress=False)
     trainer._build()
     before = {u.spec.name: {n: t.clone() for n, t in u.module.state_tensors().items()} for u in trainer.units}
-    trainer._init_from_first_batch()
-    return trainer, before, trainer._pending_batch
+    trainer.initialize_from_first_batch()
+    return trainer, before, trainer.stream.peek()
 
 
 def test_top_pc_projected_out_against_numpy_svd(tmp_path):
@@ -112,7 +112,7 @@ def test_threshold_lr_scale_scales_only_the_threshold_step(tmp_path):
         source = TensorBatchSource(acts, cfg.batch_size, seed=3)
         trainer = Trainer(cfg, source, {s: source.norm_scale(s) for s in acts}, progress=False)
         trainer._build()
-        trainer._init_from_first_batch()
+        trainer.initialize_from_first_batch()
         before = {n: t.clone() for n, t in trainer.units[0].module.state_tensors().items()}
         trainer.run(max_steps=1)
         after = trainer.units[0].module.state_tensors()

@@ -198,7 +198,7 @@ def test_missing_site_or_scale_fails_before_training(tmp_path):
 
 
 def test_dense_step_while_many_latents_fire_then_sparse(tmp_path, monkeypatch):
-    import saescope.train.trainer as trainer_module
+    import saescope.train.unit as trainer_module
 
     calls = []
     for name in ("sparse_training_step", "dense_training_step"):

@@ -20,14 +20,20 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from saescope import distributed
 from saescope.errors import SaescopeError
+from saescope.train.compat import config_differences
+from saescope.version import __version__
+
+if TYPE_CHECKING:   # the trainer calls this module: no import back at run time
+    from saescope.train.trainer import Trainer
 
 FORMAT = "saescope-train-checkpoint"
 FORMAT_VERSION = 1
@@ -180,3 +186,128 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {tensor_path}: {exc}; {advice}") from exc
     return tensors, meta
+
+
+# ---------------------------------------------------------------------- a trainer's state
+def training_meta(trainer: Trainer) -> dict[str, Any]:
+    """Everything of a trainer's state that is not a tensor: config and fingerprint, tokens, norm scales, the
+    SAEs' names, log windows, densities and λ."""
+    units = trainer.units
+    return {
+        "saescope_version": __version__, "fingerprint": trainer.config.fingerprint(),
+        "config": trainer.config.model_dump(mode="json"), "tokens_seen": trainer.tokens_seen,
+        "norm_scales": trainer.norm_scales, "saes": [u.spec.name for u in units],
+        "windows": [u.window for u in units], "last": [u.last for u in units],
+        "last_logged": [u.last_logged for u in units], "density": [u.density for u in units],
+        "lambda_base": [u.lambda_base for u in units],
+    }
+
+
+def save_training(trainer: Trainer) -> Path:
+    """Write a checkpoint of the trainer (the full SAEs, Adam, counters, RNGs, the data position). Under
+    torch.distributed every rank must call: latent slices are gathered, every data rank's loader position is
+    checked to be the same global one, and rank 0 alone writes."""
+    par = trainer.parallel
+    tensors: dict[str, torch.Tensor] = {}
+    for i, unit in enumerate(trainer.units):
+        prefix = unit_prefix(i)
+        state = unit.state_tensors(prefix)
+        if unit.latents is not None:
+            state = distributed.gather_latents(state, prefix, par.latent_group, par.latent_shards)
+        tensors.update(state)
+    meta = training_meta(trainer)
+    meta["rng"] = capture_rng(tensors)
+    position = trainer.stream.position()
+    if position is not None:
+        # the global data position: the same on every rank (the sources walk the same global batches)
+        if par is not None and par.data_shards > 1 and not all(
+                _same_position(other, position) for other in distributed.all_gather_object(position)):
+            raise SaescopeError(
+                "under data parallel every rank's batch source must report the same (global) position: give "
+                "each rank its share of one global source (saescope.distributed.DataShard, or an "
+                "ActivationLoader with rank/world_size), not a stream of its own")
+        meta["loader"] = split_state(position, "loader", tensors)
+    else:
+        meta["loader"] = None
+    folder = trainer.checkpoint_dir
+    if par is None:
+        return save_checkpoint(folder, trainer.step, tensors, meta)
+    meta["world_size"], meta["latent_shards"] = par.world_size, par.latent_shards
+    path = save_checkpoint(folder, trainer.step, tensors, meta) if par.is_main else None
+    distributed.barrier()
+    return path if path is not None else folder / f"step_{trainer.step:08d}"
+
+
+def resume_training(trainer: Trainer) -> Path | None:
+    """Load the newest checkpoint of the trainer's run into it (its units already built) and move its batch
+    stream to the checkpoint's position; returns the checkpoint, or None when there is none. A checkpoint of a
+    different config, SAE list or activations raises :class:`CheckpointError` saying what differs
+    (:mod:`saescope.train.compat` decides which differences a resume allows)."""
+    path = latest_checkpoint(trainer.checkpoint_dir)
+    if path is None:
+        return None
+    tensors, meta = load_checkpoint(path)
+    _check_same_run(trainer, path, meta)
+    for i, unit in enumerate(trainer.units):
+        prefix = unit_prefix(i)
+        unit.load_state_tensors(prefix, tensors if unit.latents is None else
+                                distributed.slice_latents(tensors, prefix, unit.latents))
+        unit.window = dict(meta["windows"][i])
+        unit.last = dict(meta["last"][i])
+        unit.last_logged = dict(meta["last_logged"][i])
+        unit.density = float(meta["density"][i])
+        saved_lambda = (meta.get("lambda_base") or [None] * len(trainer.units))[i]
+        if saved_lambda is not None:
+            unit.lambda_base = float(saved_lambda)
+        elif unit.lambda_base is None:
+            raise CheckpointError(f"the checkpoint in {path} does not record λ of {unit.spec.name}; use a new "
+                                  "out_dir")
+    trainer.step = int(meta["step"])
+    trainer.tokens_seen = int(meta["tokens_seen"])
+    restore_rng(meta["rng"], tensors)
+    saved_ranks = [join_state(state, tensors) for state in meta.get("loader_ranks") or []]
+    if any(state != saved_ranks[0] for state in saved_ranks):
+        raise CheckpointError(
+            f"the checkpoint in {path} records one data position per rank (an older saescope, where each data "
+            "rank read its own stream); it cannot continue the same rows here; use a new out_dir")
+    shards = trainer.parallel.data_shards if trainer.parallel is not None else 1
+    saved_shards = int(meta.get("world_size", 1)) // int(meta.get("latent_shards", 1))
+    if saved_shards != shards:
+        trainer.log_line(f"resuming on {shards} data rank(s) from a checkpoint of {saved_shards}: the same "
+                         "global batches continue")
+    loader_state = meta.get("loader")
+    trainer.stream.seek(None if loader_state is None or not trainer.stream.resumable
+                        else join_state(loader_state, tensors), trainer.step)
+    return path
+
+
+def unit_prefix(index: int) -> str:
+    """The tensor-name prefix of the ``index``-th SAE of a checkpoint."""
+    return f"sae{index}"
+
+
+def _check_same_run(trainer: Trainer, path: Path, meta: dict[str, Any]) -> None:
+    if meta.get("fingerprint") != trainer.config.fingerprint():
+        # no setting differs: the same config under an older fingerprint rule (one that hashed `model`)
+        diffs = config_differences(meta.get("config", {}), trainer.config.model_dump(mode="json"))
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint in {path} was made with a different config (differs in: {', '.join(diffs)}); "
+                f"use a new out_dir, or delete {trainer.checkpoint_dir} to start over")
+    names = [u.spec.name for u in trainer.units]
+    if meta.get("saes") != names:
+        raise CheckpointError(f"the checkpoint in {path} trains {meta.get('saes')}, not {names}")
+    saved_scales = meta.get("norm_scales", {})
+    for site in {u.spec.site for u in trainer.units}:
+        if saved_scales.get(site) != trainer.norm_scales[site]:
+            raise CheckpointError(
+                f"the checkpoint in {path} used norm scale {saved_scales.get(site)} for {site} but this run has "
+                f"{trainer.norm_scales[site]}: the activations changed; use a new out_dir")
+
+
+def _same_position(a: Any, b: Any) -> bool:
+    """Whether two batch-source positions are equal (positions holding tensors are taken as equal)."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return True

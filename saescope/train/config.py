@@ -28,6 +28,7 @@ from saescope.sae.losses import (
     LossOptions,
     check_prefixes,
 )
+from saescope.train.compat import NEW_SPEC_DEFAULTS, fingerprint_payload, without_new_defaults
 
 DEFAULT_TARGET_L0_LAMBDA = 1.0
 """λ of the target-L0 penalty when a spec gives ``target_l0`` without ``sparsity_coefficient``, per unit of the
@@ -230,21 +231,9 @@ class SAESpec(BaseModel):
         return (self.site,) if self.target_site is None else (self.site, self.target_site)
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The spec as JSON data, without the Gemma Scope 2 options left at their defaults (so checkpoints made
-        before those options existed keep their fingerprint)."""
-        data = self.model_dump(mode="json")
-        for key, default in NEW_SPEC_DEFAULTS.items():
-            if data.get(key) == default:
-                data.pop(key, None)
-        return data
-
-
-NEW_SPEC_DEFAULTS: dict[str, Any] = {"target_l0": None, "matryoshka_prefixes": None, "matryoshka_weights": None,
-                                     "skip": False, "threshold_lr_scale": None,
-                                     # absent from older runs = the penalty was off
-                                     "frequency_penalty": 0.0, "frequency_cap": DEFAULT_FREQUENCY_CAP,
-                                     "architecture": "jumprelu", "k": None}
-"""Spec fields added later (Gemma Scope 2, per-SAE θ lr), with the defaults that leave the fingerprint as before."""
+        """The spec as JSON data, without the options added later left at their defaults (so checkpoints made
+        before those options existed keep their fingerprint: :mod:`saescope.train.compat`)."""
+        return without_new_defaults(self.model_dump(mode="json"), NEW_SPEC_DEFAULTS)
 
 
 class TrainConfig(BaseModel):
@@ -342,15 +331,7 @@ class TrainConfig(BaseModel):
 
         Length, logging, checkpoint frequency and output options may change between resumes.
         """
-        payload = self.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
-        payload["saes"] = [spec.fingerprint_dict() for spec in self.saes]
-        # the language model's name only labels the SAEs (train --store fills it from the store, whose rows are
-        # what a resume must share); kept as None so fingerprints made before that stay as they were
-        payload["model"] = None
-        for key, default in (("initial_W_skip", "zeros"), ("initial_exclude_top_pcs", 0), ("threshold_lr_scale", 1.0),
-                             ("transcoder_target_scale", "input"), ("initial_transcoder_W_dec", "random")):
-            if payload.get(key) == default:      # added later: at their defaults, fingerprints stay as before
-                payload.pop(key)
+        payload = fingerprint_payload(self.model_dump(mode="json"))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ construction helpers
@@ -391,11 +372,6 @@ class TrainConfig(BaseModel):
             lines.append("\n[[saes]]")
             lines.extend(f"{k} = {_toml_value(v)}" for k, v in spec.items())
         return "\n".join(lines) + "\n"
-
-
-RESUMABLE_CHANGES = ("total_tokens", "checkpoint_every", "log_every", "tensorboard", "wandb", "out_dir", "store",
-                     "device", "fast_path", "cpu_kernels", "fast_path_max_density", "latent_shards")
-"""Settings that may differ between a checkpoint and the run resuming it."""
 
 
 def _toml_value(value: Any) -> str:

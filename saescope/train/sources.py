@@ -10,6 +10,7 @@ generator, and is resumable at any batch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,3 +79,64 @@ class TensorBatchSource:
                                 f"batch_size={state.get('batch_size')}, seed={state.get('seed')} but this source "
                                 f"has rows={self.rows}, batch_size={self.batch_size}, seed={self.seed}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class BatchStream:
+    """The trainer's view of a batch source: the next batch, one batch read ahead when asked for (to learn the
+    widths or to initialise from the first batch, which is then trained on), and the position a checkpoint
+    records — the source's position *before* a batch read ahead, so that resuming serves that batch again."""
+
+    def __init__(self, source: Any):
+        self.source = source
+        self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
+        self._ahead: dict[str, torch.Tensor] | None = None
+        self._ahead_position: Any = None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the source reports and restores its position (``state_dict`` / ``load_state_dict``)."""
+        return hasattr(self.source, "state_dict") and hasattr(self.source, "load_state_dict")
+
+    def _iter(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._iterator is None:
+            self._iterator = iter(self.source)
+        return self._iterator
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The next batch, kept for the following :meth:`next`."""
+        if self._ahead is None:
+            self._ahead_position = (copy.deepcopy(self.source.state_dict()) if hasattr(self.source, "state_dict")
+                                    else None)
+            try:
+                self._ahead = next(self._iter())
+            except StopIteration as exc:
+                raise SaescopeError("the batch source yielded no batches") from exc
+        return self._ahead
+
+    def next(self) -> dict[str, torch.Tensor] | None:
+        """The next batch, or None when the source has run out."""
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead, None
+            return batch
+        try:
+            return next(self._iter())
+        except StopIteration:
+            return None
+
+    def position(self) -> Any:
+        """The source's position for a checkpoint (None for a source without ``state_dict``)."""
+        if not hasattr(self.source, "state_dict"):
+            return None
+        return self._ahead_position if self._ahead is not None else self.source.state_dict()
+
+    def seek(self, position: Any, batches_served: int) -> None:
+        """Continue from a checkpoint: restore the source's ``position``, or, for a source without one, replay
+        it past the ``batches_served`` batches (exact, but reads the skipped data)."""
+        self._iterator, self._ahead = None, None
+        if position is not None and hasattr(self.source, "load_state_dict"):
+            self.source.load_state_dict(position)
+            self._iter()
+            return
+        iterator = self._iter()
+        for _ in range(batches_served):
+            next(iterator)
