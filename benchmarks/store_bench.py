@@ -32,7 +32,7 @@ def bench_cache(args, tmp: Path) -> None:
     from saescope.corpus import Document, pack_windows, shakespeare_documents
     from saescope.models import load_model
     from saescope.sites import read_sites
-    from saescope.store import cache_activations
+    from saescope.store import StoreFormat, cache_activations
 
     lm = load_model(args.model)
     text = next(iter(shakespeare_documents())).text[: args.chars]
@@ -71,7 +71,7 @@ def bench_cache(args, tmp: Path) -> None:
         start = time.perf_counter()
         try:
             cache_activations(lm, docs, [args.site], out, context_len=args.context_len,
-                              batch_size=args.batch_size, shard_rows=4096, progress=False)
+                              batch_size=args.batch_size, store_format=StoreFormat(shard_rows=4096), progress=False)
         finally:
             saescope.sites.read_sites = real_read_sites
         elapsed = time.perf_counter() - start

@@ -30,7 +30,7 @@ def peak_mib() -> float:
 def main() -> None:
     import torch
 
-    from saescope.store import ActivationLoader, StoreWriter
+    from saescope.store import ActivationLoader, LoaderOutput, StoreWriter
 
     mode, out = sys.argv[1], sys.argv[2]
     base = peak_mib()
@@ -52,7 +52,8 @@ def main() -> None:
     else:
         buffer = int(sys.argv[3]) if len(sys.argv) > 3 else 4096
         batch = int(sys.argv[4]) if len(sys.argv) > 4 else 512
-        loader = ActivationLoader(out, batch_size=batch, shuffle_buffer=buffer, epochs=1, with_tokens=True)
+        loader = ActivationLoader(out, batch_size=batch, shuffle_buffer=buffer, epochs=1,
+                                  output=LoaderOutput(with_tokens=True))
         total, checksum = 0, 0.0
         for b in loader:
             total += b["resid_post/layer_0"].shape[0]

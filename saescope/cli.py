@@ -113,8 +113,10 @@ def cache(
     """Run a model over a text once and store the activations of some sites (resumable: re-run to continue)."""
     from saescope.config import Site
     from saescope.corpus import documents_from_spec
-    from saescope.distributed import cache_across_ranks, process_group
+    from saescope.distributed import process_group
     from saescope.models import load_model
+    from saescope.store import StoreFormat
+    from saescope.store.ranks import cache_across_ranks
 
     try:
         parsed = [Site.parse(s) for s in sites]
@@ -132,7 +134,7 @@ def cache(
         with process_group(device) as device:
             loaded = load_model(model, dtype=model_dtype, device=device)
             index = cache_across_ranks(loaded, documents, parsed, out, context_len=context_len,
-                                       batch_size=batch_size, shard_rows=shard_rows, dtype=dtype,
+                                       batch_size=batch_size, store_format=StoreFormat(dtype=dtype, shard_rows=shard_rows),
                                        max_tokens=max_tokens, text_name=text, held_out_fraction=held_out_fraction)
     except SaescopeError as exc:
         fail(str(exc))

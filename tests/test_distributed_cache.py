@@ -1,4 +1,4 @@
-"""Caching across ranks (saescope.distributed.cache_across_ranks): two gloo processes store the same rows as one
+"""Caching across ranks (saescope.store.ranks.cache_across_ranks): two gloo processes store the same rows as one
 process, in one store whose index merges the ranks' parts; a killed rank resumes; the loader reads the result."""
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import torch.multiprocessing as mp
 from store_synthetic import read_store_with_safetensors
 from test_store_cache import DOCS, tiny_loaded
 
-from saescope import distributed
 from saescope.errors import SaescopeError
-from saescope.store import ActivationLoader, StoreIndex, cache_activations, verify_store
+from saescope.store import ActivationLoader, StoreFormat, StoreIndex, cache_activations, ranks, verify_store
 
 SITES = ["resid_post/layer_0", "resid_post/layer_1"]
-KW = {"context_len": 16, "batch_size": 1, "shard_rows": 12, "held_out_fraction": 0.0, "progress": False}
+KW = {"context_len": 16, "batch_size": 1, "store_format": StoreFormat(shard_rows=12), "held_out_fraction": 0.0, "progress": False}
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, max_tokens, crash: bool):
@@ -31,7 +30,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, max_tokens, crash: 
                 raise RuntimeError("killed")
             docs = crashing()
         try:
-            distributed.cache_across_ranks(tiny_loaded(), docs, SITES, out, max_tokens=max_tokens, **KW)
+            ranks.cache_across_ranks(tiny_loaded(), docs, SITES, out, max_tokens=max_tokens, **KW)
         except RuntimeError:
             if not crash:
                 raise
@@ -55,7 +54,7 @@ def test_two_ranks_store_the_rows_of_one_process(tmp_path):
     _spawn(tmp_path, tmp_path / "two")
     index = verify_store(tmp_path / "two")
     assert index.complete and index.settings["ranks"] == 2 and index.rows == one.rows
-    parts = [StoreIndex.load(tmp_path / "two" / distributed.rank_store_folder(2, r)) for r in range(2)]
+    parts = [StoreIndex.load(tmp_path / "two" / ranks.rank_store_folder(2, r)) for r in range(2)]
     assert all(p.rows > 0 for p in parts) and sum(p.rows for p in parts) == one.rows
     a = _by_token(read_store_with_safetensors(tmp_path / "one"))
     b = _by_token(read_store_with_safetensors(tmp_path / "two"))
@@ -75,7 +74,7 @@ def test_two_ranks_store_the_rows_of_one_process(tmp_path):
 def test_a_killed_rank_resumes_its_part(tmp_path):
     _spawn(tmp_path, tmp_path / "s", crash=True)
     assert not (tmp_path / "s" / "index.json").exists()          # no merged index until every part is complete
-    parts = [StoreIndex.load(tmp_path / "s" / distributed.rank_store_folder(2, r)) for r in range(2)]
+    parts = [StoreIndex.load(tmp_path / "s" / ranks.rank_store_folder(2, r)) for r in range(2)]
     assert not any(p.complete for p in parts) and all(p.rows > 0 for p in parts)
     _spawn(tmp_path, tmp_path / "s")                              # the same command again
     ref = cache_activations(tiny_loaded(), DOCS, SITES, tmp_path / "one", **KW)
@@ -90,7 +89,7 @@ def test_max_tokens_is_split_over_ranks(tmp_path):
     _spawn(tmp_path, tmp_path / "s", max_tokens=37)
     index = StoreIndex.load(tmp_path / "s")
     assert index.rows == 37 and index.settings["max_rows"] == 37
-    assert [StoreIndex.load(tmp_path / "s" / distributed.rank_store_folder(2, r)).rows for r in range(2)] == [18, 19]
+    assert [StoreIndex.load(tmp_path / "s" / ranks.rank_store_folder(2, r)).rows for r in range(2)] == [18, 19]
 
 
 def test_torchrun_cli_cache_on_a_saved_tiny_model(tmp_path):

@@ -13,7 +13,14 @@ from tiny_models import tiny_model
 from saescope.corpus import Document
 from saescope.errors import SaescopeError
 from saescope.models import LoadedModel
-from saescope.store import ActivationLoader, StoreIndex, cache_activations, verify_store
+from saescope.store import (
+    ActivationLoader,
+    LoaderOutput,
+    StoreFormat,
+    StoreIndex,
+    cache_activations,
+    verify_store,
+)
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -66,7 +73,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def test_cached_rows_match_a_full_forward_pass_and_trace_back_to_text(tmp_path):
     lm = tiny_loaded()
     index = cache_activations(lm, DOCS, ["resid_post/layer_0", "resid_post/layer_1"], tmp_path / "s",
-                              context_len=16, batch_size=3, shard_rows=40, text_name="to-be", progress=False, held_out_fraction=0.0)
+                              context_len=16, batch_size=3, store_format=StoreFormat(shard_rows=40), text_name="to-be", progress=False, held_out_fraction=0.0)
     want = reference_rows(lm.model, 16)
     got = read_store_with_safetensors(tmp_path / "s")
     assert index.rows == want["token_ids"].numel() and index.complete
@@ -112,7 +119,7 @@ def test_a_split_that_holds_out_every_document_is_a_clear_error(tmp_path):
 
 def test_crash_mid_run_then_same_call_resumes_to_the_same_store(tmp_path):
     lm = tiny_loaded()
-    kwargs = {"context_len": 16, "batch_size": 2, "shard_rows": 25, "dtype": "bfloat16", "text_name": "to-be",
+    kwargs = {"context_len": 16, "batch_size": 2, "store_format": StoreFormat(dtype="bfloat16", shard_rows=25), "text_name": "to-be",
               "progress": False, "held_out_fraction": 0.0}
     sites = ["resid_post/layer_1", "mlp_out/layer_0"]
     reference = cache_activations(lm, DOCS, sites, tmp_path / "ref", **kwargs)
@@ -140,7 +147,7 @@ def test_crash_mid_run_then_same_call_resumes_to_the_same_store(tmp_path):
 def test_max_tokens_and_bad_sites(tmp_path):
     lm = tiny_loaded()
     index = cache_activations(lm, DOCS, "resid_post/layer_1", tmp_path / "s", context_len=16, max_tokens=37,
-                              shard_rows=10, progress=False, held_out_fraction=0.0)
+                              store_format=StoreFormat(shard_rows=10), progress=False, held_out_fraction=0.0)
     assert index.rows == 37 and [s.rows for s in index.shards] == [10, 10, 10, 7]
     with pytest.raises(SaescopeError, match="cannot read site"):
         cache_activations(lm, DOCS, "resid_pre/layer_1", tmp_path / "t", progress=False, held_out_fraction=0.0)
@@ -181,10 +188,10 @@ def test_embedded_gemma_resid_post_middle_layer_on_shakespeare(tmp_path):
     lm = load_model("gemma-3-270m")
     site = f"resid_post/layer_{lm.n_layers // 3}"  # layer 6 of 18
     index = cache_activations(lm, "shakespeare", [site], tmp_path / "s", context_len=128, batch_size=4,
-                              shard_rows=512, max_tokens=1500, progress=False)
+                              store_format=StoreFormat(shard_rows=512), max_tokens=1500, progress=False)
     assert index.rows == 1500 and index.sites[site].d == lm.d_model == 640
     assert len(index.shards) == 3 and index.model == "gemma-3-270m" and index.settings["text"] == "shakespeare"
-    loader = ActivationLoader(tmp_path / "s", site, batch_size=100, epochs=1, with_tokens=True)
+    loader = ActivationLoader(tmp_path / "s", site, batch_size=100, epochs=1, output=LoaderOutput(with_tokens=True))
     batch = next(iter(loader))
     x = batch[site]
     assert torch.isfinite(x).all() and x.shape == (100, 640)
@@ -252,7 +259,7 @@ def test_cli_cache_end_to_end_on_a_saved_tiny_model(tmp_path):
     before = tree(tmp_path / "s")
     again = CliRunner().invoke(app, argv)  # finished store: the same command changes nothing
     assert again.exit_code == 0 and tree(tmp_path / "s") == before
-    batch = next(iter(ActivationLoader(tmp_path / "s", batch_size=16, with_tokens=True)))
+    batch = next(iter(ActivationLoader(tmp_path / "s", batch_size=16, output=LoaderOutput(with_tokens=True))))
     assert batch["resid_post/layer_1"].shape == (16, 32) and batch["mlp_out/layer_2"].shape == (16, 32)
 
 

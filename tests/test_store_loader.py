@@ -8,7 +8,7 @@ import torch
 from store_synthetic import SITES, expected_rows, produce
 
 from saescope.errors import SaescopeError
-from saescope.store import ActivationLoader
+from saescope.store import ActivationLoader, LoaderOutput
 
 N_CHUNKS, SHARD_ROWS = 60, 100
 
@@ -35,9 +35,9 @@ def collect(loader, limit=None):
     return out
 
 
-def loader(store, **kw):
-    kw = {"batch_size": 32, "shuffle_buffer": 300, "read_rows": 25, "with_tokens": True, **kw}
-    return ActivationLoader(store, **kw)
+def loader(store, with_tokens=True, prefetch=True, **kw):
+    kw = {"batch_size": 32, "shuffle_buffer": 300, "read_rows": 25, **kw}
+    return ActivationLoader(store, output=LoaderOutput(with_tokens=with_tokens, prefetch=prefetch), **kw)
 
 
 def test_batches_are_the_stored_rows_in_lockstep(store, want):

@@ -28,7 +28,7 @@ from stream_helpers import (
 )
 
 from saescope.errors import SaescopeError
-from saescope.store import cache_activations
+from saescope.store import StoreFormat, cache_activations
 from saescope.store.norm_scale import estimate_norm_scale
 from saescope.stream import BlockShuffle, Chunk, ModelChunks, StreamingSource
 from saescope.train import train
@@ -113,7 +113,7 @@ def model_chunks(model, **kw):
 def store(tmp_path_factory):
     out = tmp_path_factory.mktemp("stream") / "store"
     cache_activations(tiny_loaded(), documents(), SITES, out, context_len=CONTEXT_LEN, batch_size=WINDOWS_PER_PASS,
-                      held_out_fraction=0.2, shard_rows=64, progress=False)
+                      held_out_fraction=0.2, store_format=StoreFormat(shard_rows=64), progress=False)
     return read_store_with_safetensors(out)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +70,14 @@ def window_rows(acts: dict[str, torch.Tensor], i: int, window, sites: Sequence[S
     return rows, meta
 
 
+@dataclass(frozen=True)
+class StoreFormat:
+    """How a store's rows are written: their ``dtype`` (float32, float16 or bfloat16) and the rows per shard file."""
+
+    dtype: str = "float32"
+    shard_rows: int = DEFAULT_SHARD_ROWS
+
+
 def cache_activations(
     model,
     documents: Iterable | str,
@@ -77,14 +86,12 @@ def cache_activations(
     *,
     context_len: int = 1024,
     batch_size: int = 4,
-    shard_rows: int = DEFAULT_SHARD_ROWS,
-    dtype: str = "float32",
+    store_format: StoreFormat | None = None,
     max_tokens: int | None = None,
     text_name: str | None = None,
     held_out_fraction: float = 0.1,
     progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
+    part: tuple[int, int] = (0, 1),
 ) -> StoreIndex:
     """Cache the activations of ``sites`` of ``model`` on ``documents`` into a store at ``out``.
 
@@ -95,13 +102,18 @@ def cache_activations(
     Re-running with the same arguments resumes an unfinished store (or returns a finished one untouched).
     Only the training part of the by-document split is cached (:func:`saescope.corpus.split_documents`):
     the documents with ``held_out_score(id) < held_out_fraction`` are kept for evaluation, never stored.
-    ``rank`` / ``world_size``: store only windows ``rank, rank + world_size, …`` of the packed stream (one rank of
-    :func:`saescope.distributed.cache_across_ranks`; document ids and windows stay those of the whole stream).
+    ``store_format``: the rows' dtype and rows per shard (:class:`StoreFormat`; default float32, 65,536).
+    ``part=(rank, world_size)``: store only windows ``rank, rank + world_size, …`` of the packed stream (one rank of
+    :func:`saescope.store.ranks.cache_across_ranks`; document ids and windows stay those of the whole stream).
     """
     from saescope.corpus import documents_from_spec, split_documents
     from saescope.models import LoadedModel, load_model
     from saescope.sites import read_sites
 
+    store_format = store_format or StoreFormat()
+    rank, world_size = part
+    if not 0 <= rank < world_size:
+        raise SaescopeError(f"part=(rank, world_size) needs 0 <= rank < world_size, got {part}")
     if batch_size < 1:
         raise SaescopeError(f"batch_size (windows per forward pass) must be at least 1, got {batch_size}")
     if context_len < 2:
@@ -123,7 +135,7 @@ def cache_activations(
     documents = counted(split_documents(counted(documents, "all"), held_out_fraction, part="train"), "train")
     parsed, widths = prepare_sites(model, sites)
 
-    writer = StoreWriter(out, widths, dtype=dtype, shard_rows=shard_rows, model=model.name,
+    writer = StoreWriter(out, widths, dtype=store_format.dtype, shard_rows=store_format.shard_rows, model=model.name,
                          context_len=context_len, max_rows=max_tokens,
                          settings={"text": text_name or "custom documents", "held_out_fraction": held_out_fraction,
                                    "mlp_in_folded": any(s.kind == "mlp_in" for s in parsed),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,28 @@ def verify_store(path: str | Path) -> StoreIndex:
     return index
 
 
+@dataclass(frozen=True)
+class LoaderOutput:
+    """What each batch of an :class:`ActivationLoader` carries and how it is delivered. None of it changes
+    which rows come in which order (the stream's identity, :meth:`ActivationLoader.state_dict`).
+
+    ``with_tokens=True`` adds ``token_ids``, ``document_ids``, ``positions`` and ``rows`` (the global row number
+    in the store) to each batch; ``device`` moves every batch there (non-blocking); ``prefetch`` reads the
+    next block's rows in a background thread while the current block is served.
+    """
+
+    with_tokens: bool = False
+    device: str | torch.device | None = None
+    prefetch: bool = True
+
+
 class ActivationLoader:
     """Iterate ``{site_id: Tensor[rows, d] float32}`` batches, shuffled, deterministic per ``seed``.
 
     ``batch_size`` is the *global* batch: with ``world_size`` ranks, rank ``rank`` yields its
     ``[rank·B // W, (rank+1)·B // W)`` share of every global batch (see the module docstring), and the ranks'
     shares of step ``t`` together are the one-process batch ``t``. ``epochs=None`` repeats forever.
-    ``with_tokens=True`` adds ``token_ids``, ``document_ids``, ``positions`` and ``rows`` (the global row number
-    in the store) to each batch. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch, on any number
+    ``output`` (:class:`LoaderOutput`): the token columns, the device and prefetching. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch, on any number
     of ranks, with exactly the batches an uninterrupted run would give. ``drop_last`` (the default) drops the
     epoch's last incomplete global batch.
     """
@@ -83,9 +98,7 @@ class ActivationLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
-        with_tokens: bool = False,
-        device: str | torch.device | None = None,
-        prefetch: bool = True,
+        output: LoaderOutput | None = None,
     ):
         self.path = Path(path)
         self.index = StoreIndex.load(self.path)
@@ -124,9 +137,10 @@ class ActivationLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.drop_last = bool(drop_last)
-        self.with_tokens = bool(with_tokens)
-        self.device = None if device is None else torch.device(device)
-        self.prefetch = bool(prefetch)
+        output = LoaderOutput() if output is None else output
+        self.with_tokens = bool(output.with_tokens)
+        self.device = None if output.device is None else torch.device(output.device)
+        self.prefetch = bool(output.prefetch)
         self._storage_dtype = STORAGE_DTYPES[self.index.dtype]
         self._shard_rows = np.array([s.rows for s in self.index.shards], dtype=np.int64)
         self._shard_start = np.concatenate([[0], np.cumsum(self._shard_rows)])
