@@ -159,9 +159,10 @@ def test_frequency_penalty_defaults_with_target_l0():
     off = SAESpec(site="resid_post/layer_1", width=4096, target_l0=10, frequency_penalty=0)
     assert not off.loss_options(0.5).frequency and off.name.endswith("target_l0_10_freq_0")
     assert off.fingerprint_dict() != target.fingerprint_dict()
-    # a small SAE whose mean frequency target_l0/width is near the cap: the cap moves to 4× that mean
+    # a small SAE whose mean frequency target_l0/width is near the cap: the cap moves to 2× that mean
     small = SAESpec(site="resid_post/layer_1", width=64, target_l0=8)
-    assert small.frequency_cap == pytest.approx(0.5) and small.name.endswith("target_l0_8")
+    assert small.frequency_cap == pytest.approx(0.25) and small.name.endswith("target_l0_8")
+    assert SAESpec(site="resid_post/layer_1", width=4096, target_l0=150).frequency_cap == DEFAULT_FREQUENCY_CAP
     with pytest.raises(ValueError, match="would fight the target"):
         SAESpec(site="resid_post/layer_1", width=64, target_l0=8, frequency_cap=0.1)
 

@@ -73,7 +73,7 @@ def matryoshka_reconstruction(x: torch.Tensor, f: torch.Tensor, W_dec: torch.Ten
 
 
 # ---------------------------------------------------------------------- the frequency penalty
-DEFAULT_FREQUENCY_PENALTY = 1.0
+DEFAULT_FREQUENCY_PENALTY = 10.0
 """μ of the frequency penalty when a spec sets ``target_l0`` and leaves ``frequency_penalty`` out (docs/training.md)."""
 DEFAULT_FREQUENCY_CAP = 0.1
 """c: latents firing on more than this fraction of a batch's tokens are penalised (the evaluator's "dense")."""

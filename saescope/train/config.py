@@ -209,11 +209,11 @@ class SAESpec(BaseModel):
 
     @property
     def default_frequency_cap(self) -> float:
-        """c where the spec leaves it out: :data:`DEFAULT_FREQUENCY_CAP`, or four times the target's mean firing
+        """c where the spec leaves it out: :data:`DEFAULT_FREQUENCY_CAP`, or twice the target's mean firing
         frequency ``target_l0 / width`` where that is larger (small SAEs, whose every latent fires often)."""
         if self.target_l0 is None:
             return DEFAULT_FREQUENCY_CAP
-        return min(max(DEFAULT_FREQUENCY_CAP, 4.0 * self.target_l0 / self.width), 0.99)
+        return min(max(DEFAULT_FREQUENCY_CAP, 2.0 * self.target_l0 / self.width), 0.99)
 
     def loss_options(self, sparsity_coefficient: float) -> LossOptions:
         """This SAE's loss with this step's λ (the contract every training step reads)."""
