@@ -143,49 +143,74 @@ def cache(
     typer.echo(f"wrote the activation store to {out} ({len(index.shards)} shards)")
 
 
+TRAIN_FLAG_FIELDS: dict[str, tuple[str, str]] = {
+    # train flag (parameter name) → ("run" TrainConfig | "spec" SAESpec, field): the flag's help is the field's
+    # description, so the two cannot drift (tests/test_cli.py checks every flag is here or CLI-only)
+    "store": ("run", "store"), "out": ("run", "out_dir"), "total_tokens": ("run", "total_tokens"),
+    "batch_size": ("run", "batch_size"), "lr": ("run", "lr"), "lr_warmup_steps": ("run", "lr_warmup_steps"),
+    "sparsity_warmup_steps": ("run", "sparsity_warmup_steps"),
+    "threshold_parameterization": ("run", "threshold_parameterization"),
+    "transcoder_target_scale": ("run", "transcoder_target_scale"), "checkpoint_every": ("run", "checkpoint_every"),
+    "log_every": ("run", "log_every"), "seed": ("run", "seed"), "device": ("run", "device"),
+    "latent_shards": ("run", "latent_shards"), "model": ("run", "model"), "tensorboard": ("run", "tensorboard"),
+    "wandb": ("run", "wandb"),
+    "widths": ("spec", "width"), "lambdas": ("spec", "sparsity_coefficient"), "target_l0s": ("spec", "target_l0"),
+    "frequency_penalty": ("spec", "frequency_penalty"), "frequency_cap": ("spec", "frequency_cap"),
+    "architecture": ("spec", "architecture"), "k": ("spec", "k"), "skip": ("spec", "skip"),
+    "matryoshka_prefixes": ("spec", "matryoshka_prefixes"), "matryoshka_weights": ("spec", "matryoshka_weights"),
+}
+_REPEATABLE = {"widths", "lambdas", "target_l0s", "matryoshka_prefixes", "matryoshka_weights"}
+
+
+def _train_help(flag: str) -> str:
+    """The help of a ``train`` flag: its config field's description (plus "repeat" for the repeatable ones)."""
+    from saescope.train.config import SAESpec, TrainConfig
+
+    where, field = TRAIN_FLAG_FIELDS[flag]
+    text = (TrainConfig if where == "run" else SAESpec).model_fields[field].description
+    return text + (" (repeat for several)" if flag in _REPEATABLE else "")
+
+
 @app.command()
 def train(
     config: Path | None = typer.Argument(None, help="training config (.toml or .json); flags override it"),
-    store: Path | None = typer.Option(None, help="activation store folder (from `saescope cache`)"),
-    out: Path | None = typer.Option(None, help="run folder (checkpoints/, suite/, metrics.jsonl)"),
+    store: Path | None = typer.Option(None, help=_train_help("store")),
+    out: Path | None = typer.Option(None, help=_train_help("out")),
     sites: list[str] = typer.Option([], "--sites", help="SAE site, e.g. resid_post/layer_6 (repeat)"),
     transcoder_layers: list[int] = typer.Option([], "--transcoder-layer", help="train mlp_in→mlp_out "
                                                 "transcoders at this layer (repeat)"),
-    widths: list[int] = typer.Option([], "--width", help="number of latents (repeat for several)"),
-    lambdas: list[float] = typer.Option([], "--lambda", help="sparsity coefficient λ (repeat for several)"),
-    target_l0s: list[float] = typer.Option([], "--target-l0", help="Gemma Scope 2: train toward this L0 with the "
-                                           "quadratic penalty (repeat for several; λ optional)"),
-    skip: bool = typer.Option(False, "--skip", help="transcoders get an affine skip connection W_skip x "
-                              "(Gemma Scope 2 skip transcoders)"),
+    widths: list[int] = typer.Option([], "--width", help=_train_help("widths")),
+    lambdas: list[float] = typer.Option([], "--lambda", help=_train_help("lambdas")),
+    target_l0s: list[float] = typer.Option([], "--target-l0", help=_train_help("target_l0s")),
+    frequency_penalty: float | None = typer.Option(None, help=_train_help("frequency_penalty")),
+    frequency_cap: float | None = typer.Option(None, help=_train_help("frequency_cap")),
+    architecture: str | None = typer.Option(None, help=_train_help("architecture")),
+    k: int | None = typer.Option(None, "--k", help=_train_help("k")),
+    skip: bool = typer.Option(False, "--skip", help=_train_help("skip")),
     matryoshka: bool = typer.Option(False, "--matryoshka", help="SAEs sum the loss over nested latent prefixes "
                                     "(default prefixes width/16, /8, /4, /2, width)"),
-    matryoshka_prefixes: list[int] = typer.Option([], "--matryoshka-prefix", help="a Matryoshka prefix size "
-                                                  "(repeat, increasing, the last = the width)"),
-    matryoshka_weights: list[float] = typer.Option([], "--matryoshka-weight", help="one weight per Matryoshka "
-                                                   "prefix (repeat; default 1)"),
+    matryoshka_prefixes: list[int] = typer.Option([], "--matryoshka-prefix", help=_train_help("matryoshka_prefixes")),
+    matryoshka_weights: list[float] = typer.Option([], "--matryoshka-weight", help=_train_help("matryoshka_weights")),
     preset: str | None = typer.Option(None, help="fill unset settings from a named preset: short-budget (runs "
                                       "of ~1M tokens; what `saescope demo` uses; see saescope.train.presets)"),
-    total_tokens: int | None = typer.Option(None, help="tokens to train on"),
-    batch_size: int | None = typer.Option(None, help="tokens per step (recipe: 4096)"),
-    lr: float | None = typer.Option(None, help="learning rate (recipe: 7e-5)"),
-    lr_warmup_steps: int | None = typer.Option(None, help="cosine lr warm-up steps (recipe: 1000)"),
-    sparsity_warmup_steps: int | None = typer.Option(None, help="linear λ warm-up steps (recipe: 10000)"),
-    threshold_parameterization: str | None = typer.Option(None, help="log (recipe) or direct"),
-    transcoder_target_scale: str | None = typer.Option(
-        None, help="what transcoder targets are divided by: input (App. B: the input's norm scale) or target "
-        "(their own; the short-budget preset's choice)"),
-    checkpoint_every: int | None = typer.Option(None, help="steps between checkpoints"),
-    log_every: int | None = typer.Option(None, help="steps between log lines"),
-    seed: int | None = typer.Option(None, help="seed for initialisation and data order"),
-    device: str | None = typer.Option(None, help="cpu, cuda, ..."),
-    latent_shards: int | None = typer.Option(None, help="under torchrun: ranks that split each SAE's latents "
-                                             "(1: data parallel only; the world size: latent sharding only)"),
-    model: str | None = typer.Option(None, help="model name stored in each SAE's config"),
+    total_tokens: int | None = typer.Option(None, help=_train_help("total_tokens")),
+    batch_size: int | None = typer.Option(None, help=_train_help("batch_size")),
+    lr: float | None = typer.Option(None, help=_train_help("lr")),
+    lr_warmup_steps: int | None = typer.Option(None, help=_train_help("lr_warmup_steps")),
+    sparsity_warmup_steps: int | None = typer.Option(None, help=_train_help("sparsity_warmup_steps")),
+    threshold_parameterization: str | None = typer.Option(None, help=_train_help("threshold_parameterization")),
+    transcoder_target_scale: str | None = typer.Option(None, help=_train_help("transcoder_target_scale")),
+    checkpoint_every: int | None = typer.Option(None, help=_train_help("checkpoint_every")),
+    log_every: int | None = typer.Option(None, help=_train_help("log_every")),
+    seed: int | None = typer.Option(None, help=_train_help("seed")),
+    device: str | None = typer.Option(None, help=_train_help("device")),
+    latent_shards: int | None = typer.Option(None, help=_train_help("latent_shards")),
+    model: str | None = typer.Option(None, help=_train_help("model")),
     dense: bool = typer.Option(False, "--dense", help="use the plain dense step instead of the fast path"),
     no_cpu_kernels: bool = typer.Option(False, "--no-cpu-kernels", help="run the fast path on torch ops, not on "
                                         "its compiled CPU kernels (same gradients; slower on the CPU)"),
-    tensorboard: bool = typer.Option(False, help="also log to TensorBoard (out/tensorboard)"),
-    wandb: bool = typer.Option(False, help="also log to Weights & Biases in offline mode"),
+    tensorboard: bool = typer.Option(False, help=_train_help("tensorboard")),
+    wandb: bool = typer.Option(False, help=_train_help("wandb")),
 ) -> None:
     """Train JumpReLU SAEs / transcoders on an activation store (the Gemma Scope recipe); the same command
     resumes from the newest checkpoint in the run folder."""
@@ -210,7 +235,12 @@ def train(
     if skip and not transcoder_layers:
         fail("--skip applies to transcoders: give --transcoder-layer")
     if sites or transcoder_layers:
-        if not widths or not (lambdas or target_l0s):
+        if architecture not in (None, "jumprelu", "topk", "batchtopk"):
+            fail(f"--architecture {architecture!r}: choose jumprelu, topk or batchtopk")
+        if architecture in ("topk", "batchtopk") and (k is None or transcoder_layers or lambdas or target_l0s):
+            fail(f"--architecture {architecture} needs --k and --sites, and takes no --lambda / --target-l0 / "
+                 "--transcoder-layer (the baselines are SAEs whose sparsity is k)")
+        if not widths or not (lambdas or target_l0s or architecture in ("topk", "batchtopk")):
             fail("give at least one --width and one --lambda or --target-l0 with --sites / --transcoder-layer")
         penalties = [{"sparsity_coefficient": lam, "target_l0": t} for lam in (lambdas or [None])
                      for t in (target_l0s or [None])]
@@ -219,12 +249,20 @@ def train(
             nested["matryoshka_prefixes"] = list(matryoshka_prefixes) or "default"
             if matryoshka_weights:
                 nested["matryoshka_weights"] = list(matryoshka_weights)
-        specs = [{"site": s, "width": w, **pen, **nested} for s in sites for w in widths for pen in penalties]
-        specs += [{"site": f"mlp_in/layer_{layer}", "width": w, **pen, "kind": "transcoder", "skip": skip}
+        options = {"frequency_penalty": frequency_penalty, "frequency_cap": frequency_cap,
+                   "architecture": architecture, "k": k}
+        if architecture in ("topk", "batchtopk"):   # a baseline: no λ / target L0 (k sets its sparsity)
+            penalties = [{}]
+        specs = [{"site": s, "width": w, **pen, **nested, **options} for s in sites for w in widths
+                 for pen in penalties]
+        specs += [{"site": f"mlp_in/layer_{layer}", "width": w, **pen, "kind": "transcoder", "skip": skip,
+                   "frequency_penalty": frequency_penalty, "frequency_cap": frequency_cap}
                   for layer in transcoder_layers for w in widths for pen in penalties]
         overrides["saes"] = [{k: v for k, v in spec.items() if v is not None} for spec in specs]
-    elif widths or lambdas or target_l0s or skip or matryoshka or matryoshka_prefixes:
-        fail("--width / --lambda / --target-l0 / --skip / --matryoshka need --sites or --transcoder-layer")
+    elif (widths or lambdas or target_l0s or skip or matryoshka or matryoshka_prefixes or k is not None
+          or architecture or frequency_penalty is not None or frequency_cap is not None):
+        fail("--width / --lambda / --target-l0 / --skip / --matryoshka / --architecture / --k / --frequency-* "
+             "need --sites or --transcoder-layer")
     try:
         if config is not None:
             cfg = TrainConfig.from_file(config, preset=preset, **overrides)

@@ -67,3 +67,54 @@ def test_demo_and_evaluate_flags_default_to_their_configs():
                 assert (list(default) if isinstance(expected, list) else default) == expected, (command, field)
                 checked += 1
         assert checked >= 6, (command, checked)
+
+
+# train flags with no config field of their own (they pick among fields, or name several at once)
+TRAIN_CLI_ONLY = {"config", "sites", "transcoder_layers", "matryoshka", "preset", "dense", "no_cpu_kernels"}
+
+
+def test_train_flags_take_their_help_from_the_config_fields():
+    """Every `train` option is either mapped to a TrainConfig / SAESpec field, whose description is its help, or
+    listed as CLI-only: a new flag, or a changed description, cannot drift from the config."""
+    import typer.main
+
+    from saescope.cli import TRAIN_FLAG_FIELDS
+    from saescope.train.config import SAESpec, TrainConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    assert set(params) == set(TRAIN_FLAG_FIELDS) | TRAIN_CLI_ONLY, set(params) ^ (set(TRAIN_FLAG_FIELDS) | TRAIN_CLI_ONLY)
+    for name, (where, field) in TRAIN_FLAG_FIELDS.items():
+        description = (TrainConfig if where == "run" else SAESpec).model_fields[field].description
+        assert description and "\n" not in description, field
+        assert params[name].help.startswith(description), (name, params[name].help, description)
+    # the check is not vacuous: a flag whose help is another field's fails it
+    assert not params["lr"].help.startswith(TrainConfig.model_fields["batch_size"].description)
+
+
+def test_train_flags_build_frequency_and_baseline_specs(tmp_path, monkeypatch):
+    import saescope.train as train_module
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        return {}
+
+    monkeypatch.setattr(train_module, "train_from_store", fake_train)
+    base = ["train", "--sites", "resid_post/layer_1", "--width", "64", "--total-tokens", "8192",
+            "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, base + ["--target-l0", "8", "--frequency-penalty", "0"])
+    assert result.exit_code == 0, result.output
+    (spec,) = seen["cfg"].saes
+    assert spec.target_l0 == 8 and spec.frequency_penalty == 0.0 and spec.name.endswith("_freq_0")
+    result = runner.invoke(app, base + ["--target-l0", "8", "--frequency-cap", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].saes[0].frequency_cap == 0.3 and seen["cfg"].saes[0].frequency_penalty == 10.0
+    result = runner.invoke(app, base + ["--architecture", "topk", "--k", "8"])
+    assert result.exit_code == 0, result.output
+    (spec,) = seen["cfg"].saes
+    assert spec.architecture == "topk" and spec.k == 8 and spec.name.endswith("topk_8")
+    result = runner.invoke(app, base + ["--architecture", "topk"])
+    assert result.exit_code == 2 and "needs --k" in result.output
+    result = runner.invoke(app, ["train", "--k", "8", "--total-tokens", "10"])
+    assert result.exit_code == 2 and "need --sites" in result.output

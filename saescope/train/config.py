@@ -83,10 +83,10 @@ class SAESpec(BaseModel):
     matryoshka_weights: list[float] | None = Field(None, description="one weight per Matryoshka prefix (default 1)")
     frequency_penalty: float | None = Field(
         None, ge=0, description="μ of the penalty on latents firing on more than frequency_cap of the tokens "
-        "(docs/training.md); None: 1 with target_l0 (Gemma Scope 2), else 0 (off)")
+        "(docs/training.md); None: 10 with target_l0 (Gemma Scope 2), else 0 (off)")
     frequency_cap: float | None = Field(
         None, gt=0, lt=1, description="the firing frequency above which the frequency penalty acts; None: 0.1, "
-        "or 4 × target_l0 / width where that is larger (docs/training.md)")
+        "or 2 × target_l0 / width where that is larger (docs/training.md)")
     skip: bool = Field(False, description="transcoders only: an affine skip connection W_skip x (Gemma Scope 2)")
     threshold_lr_scale: float | None = Field(
         None, gt=0, description="this SAE's θ learning-rate scale (None: the run's; docs/training.md)")
@@ -276,9 +276,9 @@ class TrainConfig(BaseModel):
     transcoder_target_scale: Literal["input", "target"] = Field(
         "input", description="a transcoder's target is divided by the input's C (App. B) or by its own norm "
         "scale (short budgets; docs/training.md)")
-    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
-    device: str = "cpu"
-    seed: int = 0
+    dtype: Literal["float32", "float64", "bfloat16"] = Field("float32", description="the SAEs' parameter dtype")
+    device: str = Field("cpu", description="where the SAEs train: cpu, cuda, cuda:1, ...")
+    seed: int = Field(0, description="seed for initialisation (per SAE) and the data order")
     fast_path: bool = Field(True, description="use the sparse step (same gradients as the dense one)")
     cpu_kernels: bool = Field(
         True, description="on the CPU, run the sparse step on its compiled kernels (docs/training.md)")
@@ -298,7 +298,7 @@ class TrainConfig(BaseModel):
     shuffle_buffer: int = Field(0, ge=0, description="activation-store shuffle block in rows (0: 65536), whole "
                                 "global batches; one order for any number of data ranks")
     model: str | None = Field(None, description="the language model name, stored in each SAE's config")
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, description="log to TensorBoard (out_dir/tensorboard)")
     wandb: bool = Field(False, description="log to Weights & Biases in offline mode")
 
     @model_validator(mode="after")
