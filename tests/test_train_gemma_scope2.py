@@ -181,7 +181,8 @@ def test_default_lambda_follows_the_target_scale(tmp_path):
 def test_resume_with_a_different_target_refuses(tmp_path):
     acts = _acts()
     run_trainer(small_config(tmp_path / "run", [TARGET]), acts, max_steps=4)
-    other = small_config(tmp_path / "run", [TARGET.model_copy(update={"target_l0": 20.0})])
+    # a new spec (its frequency cap resolved again for the new target), as a user would write it
+    other = small_config(tmp_path / "run", [SAESpec(**{**TARGET.model_dump(), "target_l0": 20.0, "frequency_cap": None})])
     with pytest.raises(CheckpointError, match=r"saes\[0\]\.target_l0: 6\.0 → 20\.0"):
         run_trainer(other, acts)
     no_skip = small_config(tmp_path / "run2", [SKIP])
