@@ -462,6 +462,12 @@ def _demo_default(name: str) -> Any:
     return _default(DemoConfig, name)
 
 
+def _scope_default(name: str) -> Any:
+    from saescope.scope import ScopeConfig
+
+    return _default(ScopeConfig, name)
+
+
 @app.command()
 def scope(
     model: str = typer.Argument(..., help="embedded name (gemma-3-270m, smollm2-135m), folder, .gguf or hub id"),
@@ -482,9 +488,15 @@ def scope(
     buffer_rows: int = typer.Option(16384, help="--stream: shuffle buffer in rows"),
     context_len: int = typer.Option(256, help="tokens per window (Gemma Scope: 1024)"),
     export: bool = typer.Option(False, help="also write the Gemma Scope 2 release layout to OUT/release"),
+    dashboards: bool = typer.Option(_scope_default("dashboards"), help="also build every SAE's latent dashboards "
+                                    "(<sae folder>/dashboards; copied into the release with --export)"),
+    dashboard_tokens: int = typer.Option(_scope_default("dashboard_tokens"),
+                                         help="training-text tokens the dashboards are computed from (--stream: "
+                                              "cached to OUT/dashboard_activations)"),
     device: str = typer.Option("cpu", help="device for the model and the SAEs"),
 ) -> None:
-    """Every SAE of a model in one command: train (one forward pass serves all sites), evaluate, report, export."""
+    """Every SAE of a model in one command: train (one forward pass serves all sites), evaluate, latent dashboards
+    (--dashboards), report, export."""
     from pydantic import ValidationError
 
     from saescope.scope import ScopeConfig, run_scope
@@ -494,13 +506,17 @@ def scope(
         cfg = ScopeConfig(model=model, out=out, layers=layers, sites=kinds, transcoders=transcoders, widths=widths,
                           target_l0=target_l0, l0=l0, tokens=tokens, text=text, eval_windows=eval_windows,
                           preset=None if preset == "none" else preset, stream=stream, batch_size=batch_size,
-                          buffer_rows=buffer_rows, context_len=context_len, export=export, device=device)
+                          buffer_rows=buffer_rows, context_len=context_len, export=export, dashboards=dashboards,
+                          dashboard_tokens=dashboard_tokens, device=device)
         summary = run_scope(cfg, echo=typer.echo)
     except ValidationError as exc:
         fail(f"invalid scope settings:\n{exc}")
     except SaescopeError as exc:
         fail(str(exc))
     typer.echo(f"\n{summary['saes']} SAE(s); by-layer report: {summary['by_layer']}")
+    if summary.get("dashboards"):
+        built = summary["dashboards"]
+        typer.echo(f"dashboards: {built['built']} built, {built['skipped']} already there (<sae folder>/dashboards)")
     if summary["release"]:
         typer.echo(f"release: {summary['release']}")
     typer.echo(f"took {summary['seconds']['total'] / 60:.1f} min ({summary['seconds']})")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,12 +167,13 @@ def size_names(entries: list[SuiteEntry]) -> dict[Path, str]:
 
 
 def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2", *, site_suffix: str = "",
-                 sizes: dict[Path, str] | None = None) -> list[Path]:
+                 sizes: dict[Path, str] | None = None, dashboards: bool = False) -> list[Path]:
     """Write every SAE under ``root`` to ``out`` in a Gemma Scope release layout; returns the folders.
 
     ``site_suffix``: appended to each site folder (``"_all"``: Gemma Scope 2's whole-model folders
     ``resid_post_all/``, ``transcoder_all/``). ``sizes``: the ``l0_<size>`` name of SAE folders (e.g. the
-    target-L0 ladder they were trained for); the others are named by :func:`size_names`."""
+    target-L0 ladder they were trained for); the others are named by :func:`size_names`. ``dashboards``: also
+    copy each SAE's ``dashboards/`` folder (built by :mod:`saescope.dashboards`) into its release folder."""
     if layout not in LAYOUTS:
         raise SaescopeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     entries = find_suite(root)
@@ -196,4 +198,6 @@ def export_suite(root: str | Path, out: str | Path, layout: str = "gemma-scope-2
             raise SaescopeError(f"{target} already holds files; two SAEs map to the same release folder "
                                 "or the export ran before — choose an empty output folder")
         written.append(sae.save(target, format=layout))
+        if dashboards and (e.folder / "dashboards").is_dir():
+            shutil.copytree(e.folder / "dashboards", target / "dashboards")
     return written

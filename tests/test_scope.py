@@ -1,5 +1,6 @@
 """``saescope scope``: the whole-model suite on a tiny model (streamed and cached), its resume, the by-layer report,
-the Gemma Scope 2 release layout, the target-L0 ladder, and the checks that run before any long work."""
+the Gemma Scope 2 release layout, the latent dashboards (``--dashboards``), the target-L0 ladder, and the checks
+that run before any long work."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stream_helpers import final_weights, tiny_loaded
+from stream_helpers import CharTokenizer, final_weights, tiny_loaded
 from typer.testing import CliRunner
 
 from saescope.cli import app
@@ -165,3 +166,116 @@ def test_cli_scope_on_the_embedded_gemma_streams_two_layers(tmp_path):
         f"{m}_by_layer_resid_post.png" for m in ("fvu", "delta_loss", "l0", "dead_dense")}
     assert sorted(p.name for p in (out / "release" / "resid_post_all").iterdir()) == [
         "layer_0_width_64_l0_medium", "layer_17_width_64_l0_medium"]
+
+
+class CharText(CharTokenizer):
+    """The tiny model's character tokenizer, with what dashboards need to print a token."""
+
+    def convert_ids_to_tokens(self, token_id):
+        return f"t{token_id}"
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens)
+
+
+def tiny_with_text():
+    lm = tiny_loaded()
+    lm.tokenizer = CharText()
+    return lm
+
+
+def dashboard_mtimes(run: Path) -> dict[str, int]:
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in (run / "suite").rglob("dashboards/*")
+            if p.is_file()}
+
+
+def test_streamed_scope_builds_dashboards_on_a_finished_run_resumes_them_and_releases_them(tmp_path):
+    from saescope.store.index import StoreIndex
+    from saescope.suite import sae_folders
+
+    quiet = {"progress": False, "echo": lambda _: None}
+    kw = {"layers": "1-2", "sites": ["resid_post"], "target_l0": [6], "tokens": 32 * 12}
+    cfg = config(tmp_path, **kw)
+    summary = run_scope(cfg, model=tiny_with_text(), **quiet)       # the default: no dashboards, no store for them
+    run = cfg.out
+    assert summary["dashboards"] is None and "dashboards" not in summary["seconds"]
+    assert not (run / "dashboard_activations").exists() and not list(run.rglob("dashboards"))
+    # --dashboards added to the finished run: allowed (a post-training stage), builds every SAE's dashboards
+    lines: list[str] = []
+    cfg = config(tmp_path, **kw, dashboards=True, dashboard_tokens=200)
+    summary = run_scope(cfg, model=tiny_with_text(), progress=False, echo=lines.append)
+    folders = sae_folders(run)
+    assert len(folders) == 4 and summary["dashboards"] == {"built": 4, "skipped": 0,
+                                                           "store": str(run / "dashboard_activations"), "rows": [200]}
+    assert summary["seconds"]["dashboards"] > 0
+    assert any(line.startswith("[5/6] latent dashboards of 4 SAE(s)") for line in lines)
+    assert any(line.startswith("[6/6] report") for line in lines)
+    index = StoreIndex.load(run / "dashboard_activations")
+    assert index.complete and index.rows == 200
+    assert set(index.sites) == {f"{kind}/layer_{n}" for kind in ("resid_post", "mlp_in") for n in (1, 2)}
+    assert index.settings["held_out_fraction"] == cfg.held_out_fraction        # training documents only
+    assert summary["memory"]["dashboard_store_bytes"] == 200 * (4 * 32 * 4 + 20)
+    for folder in folders:
+        dash = folder / "dashboards"
+        assert (dash / "index.html").is_file()
+        records = (dash / "latents.jsonl").read_text().splitlines()
+        assert len(records) == 32 and json.loads(records[0])["index"] == 0
+        assert json.loads((dash / "summary.json").read_text())["rows"] == 200
+    assert sum(json.loads(r)["count"] for f in folders for r in (f / "dashboards" / "latents.jsonl").open()) > 0
+    page = (run / "report" / "by_layer.html").read_text()
+    assert page.count("/dashboards/index.html'>dashboards</a>") == 4       # the report, written after, links them
+    # the release carries each SAE's dashboards beside its parameters
+    released = sorted((run / "release").glob("*_all/*"))
+    assert len(released) == 4
+    for folder in released:
+        assert (folder / "params.safetensors").is_file() and (folder / "config.json").is_file()
+        assert (folder / "dashboards" / "index.html").is_file() and (folder / "dashboards" / "latents.jsonl").is_file()
+    # re-running skips the dashboards already built (files untouched) and the store is finished already
+    before = dashboard_mtimes(run)
+    shards = sorted(p.stat().st_mtime_ns for p in (run / "dashboard_activations").rglob("*.safetensors"))
+    assert len(before) >= 4 * 3
+    summary = run_scope(cfg, model=tiny_with_text(), **quiet)
+    assert summary["dashboards"]["built"] == 0 and summary["dashboards"]["skipped"] == 4
+    assert dashboard_mtimes(run) == before
+    assert sorted(p.stat().st_mtime_ns for p in (run / "dashboard_activations").rglob("*.safetensors")) == shards
+    assert all((f / "dashboards" / "index.html").is_file() for f in sorted((run / "release").glob("*_all/*")))
+    # one SAE's dashboards removed: only that one is rebuilt
+    shutil.rmtree(folders[0] / "dashboards")
+    summary = run_scope(cfg, model=tiny_with_text(), **quiet)
+    assert summary["dashboards"]["built"] == 1 and (folders[0] / "dashboards" / "index.html").is_file()
+    assert {k: v for k, v in dashboard_mtimes(run).items() if k in before and not k.startswith(
+        str(folders[0].relative_to(run)))} == {k: v for k, v in before.items()
+                                              if not k.startswith(str(folders[0].relative_to(run)))}
+
+
+def test_cached_scope_builds_dashboards_from_the_training_store(tmp_path):
+    cfg = config(tmp_path, stream=False, layers="1", sites=["resid_post"], transcoders=False, target_l0=[6],
+                 tokens=32 * 12, export=False, dashboards=True, dashboard_tokens=150)
+    summary = run_scope(cfg, model=tiny_with_text(), progress=False, echo=lambda _: None)
+    assert not (cfg.out / "dashboard_activations").exists()
+    assert summary["dashboards"]["built"] == 1 and summary["dashboards"]["store"] == str(cfg.out / "activations")
+    dash = next((cfg.out / "suite").rglob("dashboards"))
+    assert json.loads((dash / "summary.json").read_text())["rows"] == 150      # the first 150 of 384 stored rows
+    assert (dash / "index.html").is_file() and len((dash / "latents.jsonl").read_text().splitlines()) == 32
+
+
+def test_cli_scope_dashboard_flags_reach_the_config(tmp_path, monkeypatch):
+    import saescope.scope
+
+    seen = []
+
+    def fake(cfg, echo=print):
+        seen.append(cfg)
+        return {"saes": 1, "by_layer": "x", "release": None, "seconds": {"total": 1.0},
+                "dashboards": {"built": 1, "skipped": 0} if cfg.dashboards else None}
+    monkeypatch.setattr(saescope.scope, "run_scope", fake)
+    runner = CliRunner()
+    result = runner.invoke(app, ["scope", "tiny", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert not seen[-1].dashboards and seen[-1].dashboard_tokens == ScopeConfig.model_fields["dashboard_tokens"].default
+    result = runner.invoke(app, ["scope", "tiny", "--out", str(tmp_path / "a"), "--dashboards", "--dashboard-tokens",
+                                 "4096"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].dashboards and seen[-1].dashboard_tokens == 4096 and "dashboards: 1 built" in result.output
+    result = runner.invoke(app, ["scope", "tiny", "--out", str(tmp_path / "a"), "--dashboard-tokens", "0"])
+    assert result.exit_code == 2 and "dashboard_tokens" in result.output

@@ -1,7 +1,7 @@
 """``saescope scope``: SAEs on every layer and site of a model in one command (Gemma Scope's whole-model suite).
 
 - :mod:`~saescope.scope.config` — :class:`ScopeConfig`, ``--layers`` parsing, Gemma Scope 2's target-L0 ladder
-- :mod:`~saescope.scope.run` — the stages: check, stream or cache, train, evaluate, report, export
+- :mod:`~saescope.scope.run` — the stages: check, stream or cache, train, evaluate, dashboards, report, export
 - :mod:`~saescope.scope.report` — the by-layer figures, table and index
 """
 

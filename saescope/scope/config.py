@@ -102,6 +102,9 @@ class ScopeConfig(BaseModel):
     held_out_fraction: float = Field(0.1, gt=0, lt=1, description="documents kept for evaluation (by id hash)")
     prefetch: int = Field(1, ge=0, description="streaming: forward passes computed ahead in a thread (0: none)")
     export: bool = Field(False, description="also write the Gemma Scope 2 release layout to <out>/release")
+    dashboards: bool = Field(False, description="also build every SAE's latent dashboards (<sae folder>/dashboards)")
+    dashboard_tokens: int = Field(65_536, gt=0, description="training-text tokens the dashboards are computed from "
+                                  "(--stream: cached to <out>/dashboard_activations)")
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"

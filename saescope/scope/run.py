@@ -10,9 +10,13 @@ Stages (each the library's own; re-running the same command resumes each where i
    (``saescope cache``; its size is checked against the free disk);
 3. train every SAE on the same batches (one forward pass serves every site and layer), standardize, write the
    suite (:func:`saescope.train.train`);
-4. evaluate on held-out documents (:func:`saescope.evaluate.evaluate_run`), the by-layer report
-   (:mod:`saescope.scope.report`) and the usual report page, and with ``--export`` the Gemma Scope 2 release
-   layout under ``<out>/release``.
+4. evaluate on held-out documents (:func:`saescope.evaluate.evaluate_run`);
+5. with ``--dashboards``, every SAE's latent dashboards into ``<sae folder>/dashboards``
+   (:func:`saescope.dashboards.build_dashboards`) from ``dashboard_tokens`` rows of the training store, or with
+   ``--stream`` from a small store of that many training-text tokens cached to ``<out>/dashboard_activations``;
+   SAEs whose dashboards exist are skipped;
+6. the by-layer report (:mod:`saescope.scope.report`, linking the dashboards) and the usual report page, and
+   with ``--export`` the Gemma Scope 2 release layout under ``<out>/release`` (with each SAE's dashboards).
 
 Times per stage, the shuffle buffer's and the SAEs' memory, and the peak resident memory go to
 ``<out>/scope_summary.json``.
@@ -76,7 +80,12 @@ def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def _check_disk(store: Path, needed: int) -> None:
+NO_STORE_ADVICE = "use --stream (no store on disk), fewer --tokens, layers or sites, or another --out"
+DASHBOARD_STORE = "dashboard_activations"
+DASHBOARDS = "dashboards"
+
+
+def _check_disk(store: Path, needed: int, advice: str = NO_STORE_ADVICE) -> None:
     probe = store
     while not probe.exists():
         probe = probe.parent
@@ -84,13 +93,14 @@ def _check_disk(store: Path, needed: int) -> None:
     have = _folder_bytes(store)
     if needed - have > free:
         raise SaescopeError(f"the activation store needs {human_bytes(needed)} ({needed - have:,} bytes more than "
-                            f"written so far) but {probe} has {human_bytes(free)} free; use --stream (no store "
-                            "on disk), fewer --tokens, layers or sites, or another --out")
+                            f"written so far) but {probe} has {human_bytes(free)} free; {advice}")
 
 
 def _check_resume(cfg: ScopeConfig) -> None:
     path = cfg.out / STATE_FILE
-    mine = cfg.model_dump(mode="json", exclude={"out", "export", "eval_windows", "eval_domains", "prefetch"})
+    # post-training stages (evaluation, dashboards, release) may be added or changed on an existing run
+    mine = cfg.model_dump(mode="json", exclude={"out", "export", "eval_windows", "eval_domains", "prefetch",
+                                                "dashboards", "dashboard_tokens"})
     if path.is_file():
         saved = json.loads(path.read_text())
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
@@ -131,8 +141,9 @@ def run_scope(cfg: ScopeConfig, *, model=None, progress: bool = True, echo=print
 
     for spec in [cfg.text, *(cfg.eval_domains or [])]:
         documents_from_spec(spec)                  # a bad text spec fails here, before the model loads
+    n = 6 if cfg.dashboards else 5              # stages echoed
     t = time.perf_counter()
-    echo(f"[1/5] loading {cfg.model}")
+    echo(f"[1/{n}] loading {cfg.model}")
     lm = model if model is not None else load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     times["load"] = time.perf_counter() - t
     specs, sizes, sites = plan(cfg, lm.n_layers)
@@ -164,14 +175,14 @@ def run_scope(cfg: ScopeConfig, *, model=None, progress: bool = True, echo=print
         if scales_path.is_file():
             scales = {k: float(v) for k, v in json.loads(scales_path.read_text())["norm_scales"].items()}
         else:
-            echo(f"[2/5] estimating the norm scale C of {len(sites)} site(s) from the first "
+            echo(f"[2/{n}] estimating the norm scale C of {len(sites)} site(s) from the first "
                  f"{source.norm_sample_rows:,} tokens (App. A)")
             scales = source.norm_scales()
             scales_path.parent.mkdir(parents=True, exist_ok=True)
             scales_path.write_text(json.dumps({"norm_scales": scales, "rows": source.norm_sample_rows,
                                                "text": cfg.text}, indent=2) + "\n")
         times["norm_scale"] = time.perf_counter() - t
-        echo(f"[3/5] training from the model's forward passes (no store on disk); shuffle buffer "
+        echo(f"[3/{n}] training from the model's forward passes (no store on disk); shuffle buffer "
              f"{source.block_rows:,} rows = {memory['shuffle_buffer_bytes'] / 2**20:,.1f} MiB")
         t = time.perf_counter()
         from saescope.train import train
@@ -190,17 +201,17 @@ def run_scope(cfg: ScopeConfig, *, model=None, progress: bool = True, echo=print
         needed = store_bytes(cfg.tokens, dims)
         memory["store_bytes"] = needed
         _check_disk(store, needed)
-        echo(f"[2/5] caching {cfg.tokens:,} tokens of {len(sites)} site(s) → {store} ({human_bytes(needed)})")
+        echo(f"[2/{n}] caching {cfg.tokens:,} tokens of {len(sites)} site(s) → {store} ({human_bytes(needed)})")
         t = time.perf_counter()
         cache_activations(lm, cfg.text, sites, store, context_len=cfg.context_len, batch_size=cfg.windows_per_pass,
                           max_tokens=cfg.tokens, held_out_fraction=cfg.held_out_fraction, progress=progress)
         times["cache"] = time.perf_counter() - t
-        echo("[3/5] training from the store")
+        echo(f"[3/{n}] training from the store")
         t = time.perf_counter()
         folders = train_from_store(tcfg, progress=progress)
         times["train"] = time.perf_counter() - t
 
-    echo(f"[4/5] evaluating {len(folders)} SAE(s) on held-out {', '.join(cfg.eval_domains or [cfg.text])} "
+    echo(f"[4/{n}] evaluating {len(folders)} SAE(s) on held-out {', '.join(cfg.eval_domains or [cfg.text])} "
          f"({cfg.eval_windows} window(s) of {cfg.context_len} tokens each)")
     from saescope.report.html import write_report
 
@@ -208,7 +219,15 @@ def run_scope(cfg: ScopeConfig, *, model=None, progress: bool = True, echo=print
     table_path = _evaluate(cfg, lm, progress)
     times["evaluate"] = time.perf_counter() - t
 
-    echo("[5/5] report" + (" and release" if cfg.export else ""))
+    dashboards = None
+    if cfg.dashboards:
+        t = time.perf_counter()
+        read = {s["site"]: dims[s["site"]] for s in specs}      # the sites the SAEs read (not a target)
+        dashboards = build_scope_dashboards(cfg, lm, folders, read, memory, progress=progress,
+                                            echo=lambda line: echo(f"[5/{n}] {line}"))
+        times["dashboards"] = time.perf_counter() - t
+
+    echo(f"[{n}/{n}] report" + (" and release" if cfg.export else ""))
     from saescope.scope.report import write_layer_report
 
     t = time.perf_counter()
@@ -225,10 +244,56 @@ def run_scope(cfg: ScopeConfig, *, model=None, progress: bool = True, echo=print
     summary = {"saes": len(folders), "sites": sites, "stream": cfg.stream, "tokens": cfg.tokens,
                "seconds": {k: round(v, 2) for k, v in times.items()}, "memory": {**memory, "peak_rss_bytes": peak},
                "table": str(table_path), "report": str(page), "by_layer": str(layer_page),
-               "release": None if release is None else str(release),
+               "release": None if release is None else str(release), "dashboards": dashboards,
                "activation_shards": len(list((cfg.out / "activations").rglob("shard_*.safetensors")))}
     (cfg.out / "scope_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def build_scope_dashboards(cfg: ScopeConfig, lm, folders: dict[str, Path], sites: dict[str, int],
+                           memory: dict[str, int], *, progress: bool = True, echo=print) -> dict[str, Any]:
+    """Latent dashboards of every SAE in ``folders`` into ``<folder>/dashboards`` (skipping those already built).
+    ``sites``: the width of every site the SAEs read.
+
+    Cached mode reads the first ``dashboard_tokens`` rows of the training store; ``--stream`` first caches
+    ``dashboard_tokens`` tokens of the training text (training documents only, the same windows as the stream's
+    first ones) for the sites the SAEs read into ``<out>/dashboard_activations`` (resumable, like any store).
+    Returns ``{"built", "skipped", "store", "rows"}``."""
+    from saescope.dashboards import DashboardSettings, build_dashboards
+    from saescope.dashboards.compute import sae_site_id
+    from saescope.formats import load_sae
+
+    todo = [name for name in folders if not _has_dashboards(Path(folders[name]))]
+    store = cfg.out / "activations"
+    if cfg.stream:
+        store = cfg.out / DASHBOARD_STORE
+        needed = store_bytes(cfg.dashboard_tokens, sites)
+        memory["dashboard_store_bytes"] = needed
+        if todo:
+            from saescope.store import cache_activations
+
+            _check_disk(store, needed, advice="lower --dashboard-tokens, or another --out")
+            echo(f"caching {cfg.dashboard_tokens:,} tokens of {len(sites)} site(s) for the dashboards → {store} "
+                 f"({human_bytes(needed)})")
+            cache_activations(lm, cfg.text, list(sites), store, context_len=cfg.context_len,
+                              batch_size=cfg.windows_per_pass, max_tokens=cfg.dashboard_tokens,
+                              held_out_fraction=cfg.held_out_fraction, progress=progress)
+    echo(f"latent dashboards of {len(todo)} SAE(s) from {store}"
+         + (f" ({len(folders) - len(todo)} already built)" if len(todo) < len(folders) else ""))
+    settings = DashboardSettings(max_rows=cfg.dashboard_tokens, seed=cfg.seed)
+    for name in todo:
+        sae = load_sae(folders[name], device=cfg.device)       # one at a time: a whole suite may not fit
+        build_dashboards(sae, store, lm.tokenizer, lm, out=Path(folders[name]) / DASHBOARDS, site=sae_site_id(sae),
+                         settings=settings, progress=progress)
+        del sae
+    rows = sorted({json.loads((Path(f) / DASHBOARDS / "summary.json").read_text())["rows"] for f in folders.values()})
+    return {"built": len(todo), "skipped": len(folders) - len(todo), "store": str(store), "rows": rows}
+
+
+def _has_dashboards(folder: Path) -> bool:
+    """Built dashboards: ``index.html`` is written last, after ``latents.jsonl`` and ``summary.json``."""
+    out = folder / DASHBOARDS
+    return all((out / name).is_file() for name in ("summary.json", "latents.jsonl", "index.html"))
 
 
 def export_release(cfg: ScopeConfig, folders: dict[str, Path], sizes: dict[str, str]) -> Path:
@@ -241,7 +306,8 @@ def export_release(cfg: ScopeConfig, folders: dict[str, Path], sizes: dict[str, 
     if out.exists():
         shutil.rmtree(out)
     names = {Path(folder): sizes[name] for name, folder in folders.items() if name in sizes}
-    export_suite(cfg.out / "suite", out, layout="gemma-scope-2", site_suffix="_all", sizes=names)
+    export_suite(cfg.out / "suite", out, layout="gemma-scope-2", site_suffix="_all", sizes=names,
+                 dashboards=True)
     return out
 
 
