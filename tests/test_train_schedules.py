@@ -158,3 +158,39 @@ def test_config_toml_round_trip(tmp_path):
 def test_width_label():
     assert [width_label(w) for w in (16384, 4096, 65536, 131072, 262144, 1 << 20, 1000, 3000)] == [
         "16k", "4k", "65k", "131k", "262k", "1m", "1000", "3000"]
+
+
+@pytest.mark.parametrize(("step", "expected_factor"), [
+    (0, 1.0), (79, 1.0),                       # before the last 20 of 100 steps: constant
+    (80, 1.0), (81, 19 / 20), (90, 0.5), (99, 1 / 20),   # then (T − t) / decay
+])
+def test_learning_rate_linear_decay_over_the_last_steps(step, expected_factor):
+    got = learning_rate(step, 1e-3, 0, decay_steps=20, total_steps=100)
+    assert got == pytest.approx(1e-3 * expected_factor, rel=1e-12)
+
+
+def test_learning_rate_decay_multiplies_the_warmup_and_needs_the_run_length():
+    # a run all warm-up and all decay: both factors at once
+    warm = 0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * 4 / 10))
+    assert learning_rate(4, 2.0, 10, 0.1, decay_steps=10, total_steps=10) == pytest.approx(2.0 * warm * 6 / 10,
+                                                                                            rel=1e-12)
+    assert learning_rate(5, 2.0, 0, decay_steps=0, total_steps=None) == 2.0
+    with pytest.raises(ValueError, match="total_steps"):
+        learning_rate(5, 2.0, 0, decay_steps=3)
+
+
+def test_trainer_takes_its_steps_at_the_decayed_learning_rate(tmp_path):
+    from tests.train_helpers import run_trainer, small_config
+
+    torch.manual_seed(0)
+    acts = {"resid_post/layer_0": torch.randn(2048, 16) * 3}
+    spec = SAESpec(site="resid_post/layer_0", width=32, sparsity_coefficient=1e-3)
+    cfg = small_config(tmp_path, [spec], total_steps=12, lr_decay_steps=5, lr_warmup_steps=0)
+    seen = []
+    trainer = run_trainer(cfg, acts, max_steps=8)
+    seen.append(trainer.units[0].last["lr"])       # the 8th step, index 7: (12 − 7) / 5 = 1
+    trainer.run()
+    seen.append(trainer.units[0].last["lr"])       # the last, index 11: 1/5
+    assert seen == [pytest.approx(3e-3), pytest.approx(3e-3 / 5)]
+    with pytest.raises(ValueError, match="lr_decay_steps=13 is more than the run's 12 steps"):
+        small_config(tmp_path, [spec], total_steps=12, lr_decay_steps=13)

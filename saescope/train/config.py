@@ -247,6 +247,8 @@ class TrainConfig(BaseModel):
     lr: float = Field(7e-5, gt=0, description="Adam learning rate after warm-up")
     lr_warmup_steps: int = Field(1000, ge=0, description="cosine warm-up length in steps")
     lr_warmup_start: float = Field(0.1, gt=0, le=1, description="warm-up starts at this fraction of lr")
+    lr_decay_steps: int = Field(0, ge=0, description="linear decay of lr to 0 over the last this many steps "
+                                "(0: constant, the recipe; docs/training.md)")
     adam_beta1: float = Field(0.0, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
@@ -310,6 +312,9 @@ class TrainConfig(BaseModel):
                              "target_l0")
         if self.total_tokens < self.batch_size:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one batch of {self.batch_size}")
+        if self.lr_decay_steps > self.total_steps:
+            raise ValueError(f"lr_decay_steps={self.lr_decay_steps} is more than the run's {self.total_steps} steps "
+                             f"(total_tokens / batch_size); give at most {self.total_steps}")
         return self
 
     @property

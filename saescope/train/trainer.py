@@ -184,7 +184,8 @@ class Trainer:
     def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Every SAE takes its step on ``batch`` at this step's learning rate (§3: the cosine warm-up)."""
         config = self.config
-        lr = learning_rate(self.step, config.lr, config.lr_warmup_steps, config.lr_warmup_start)
+        lr = learning_rate(self.step, config.lr, config.lr_warmup_steps, config.lr_warmup_start,
+                           decay_steps=config.lr_decay_steps, total_steps=config.total_steps)
         for unit in self.units:
             unit.step(batch, self.step, config, lr)
         self.step += 1
