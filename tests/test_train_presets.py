@@ -32,6 +32,7 @@ def test_short_budget_values_scale_with_the_run_and_never_override():
     steps = 800_000 // 1024                                   # 781
     assert out["lr"] == 5e-4                                  # given: kept
     assert out["lr_warmup_steps"] == steps // 20 == 39 and out["sparsity_warmup_steps"] == steps // 4 == 195
+    assert out["lr_decay_steps"] == steps // 5 == 156
     assert (out["threshold_parameterization"], out["initial_b_dec"], out["initial_threshold_quantile"],
             out["initial_exclude_top_pcs"], out["threshold_lr_scale"], out["transcoder_target_scale"]
             ) == ("direct", "mean", 0.99, 1, 0.1, "target")
@@ -54,7 +55,8 @@ def test_demo_config_is_the_one_it_was_written_out_as(tmp_path):
         + [{"site": "mlp_in/layer_6", "width": 4096, "sparsity_coefficient": 1e-5, "kind": "transcoder",
             "threshold_lr_scale": 1.0}],
         total_tokens=cfg.tokens, batch_size=cfg.batch_size, lr=1e-3, lr_warmup_steps=steps // 20,
-        sparsity_warmup_steps=steps // 4, threshold_parameterization="direct", initial_b_dec="mean",
+        sparsity_warmup_steps=steps // 4, lr_decay_steps=steps // 5, threshold_parameterization="direct",
+        initial_b_dec="mean",
         initial_threshold_quantile=0.99, initial_exclude_top_pcs=1, threshold_lr_scale=0.1,
         transcoder_target_scale="target",
         checkpoint_every=steps // 4, log_every=steps // 10, seed=0, out_dir=tmp_path, store=tmp_path / "a",
@@ -84,6 +86,7 @@ def test_cli_preset_fills_unset_flags_and_explicit_flags_win(store, tmp_path):
     written = tomllib.loads((out / "config.toml").read_text())
     assert written["lr"] == 3e-3                                 # the flag
     assert written["lr_warmup_steps"] == 1 and written["sparsity_warmup_steps"] == 5   # 20 steps
+    assert written["lr_decay_steps"] == 4
     assert written["initial_exclude_top_pcs"] == 1 and written["threshold_lr_scale"] == 0.1
     assert written["threshold_parameterization"] == "direct" and written["initial_b_dec"] == "mean"
     bad = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "x"), "--sites", SITE,

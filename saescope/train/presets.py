@@ -3,7 +3,9 @@
 ``short-budget`` (recipe §6, not in the paper): for runs of ~10⁶ tokens (a few hundred steps), where the paper's
 schedule (lr 7e-5, 10,000 λ warm-up steps, log θ from 0.001) cannot move. Chosen by measurement on Gemma 3 270M
 ``resid_post/layer_6`` (1.05M Shakespeare tokens, width 4096): lr 1e-3, warm-ups scaled to the run (lr over the
-first 5% of steps, λ over the first 25%), θ trained directly, ``b_dec`` from the data mean, θ from the first
+first 5% of steps, λ over the first 25%), the lr decayed linearly to 0 over the last 20% of steps (at lr 1e-3
+JumpReLU training has loss spikes; one late in a 400k-token run left a target-60 SAE at held-out Δ LM loss 8.4
+instead of 0.60: docs/training.md), θ trained directly, ``b_dec`` from the data mean, θ from the first
 batch's 99th percentile, the top principal direction out of the initial latent directions and θ at a tenth of
 the lr for SAEs (dead latents 40–60% → 4–9% over the last 262k tokens, training FVU ~3× lower); a
 transcoder's θ keeps the full lr (at a tenth its L0 stayed above 1,000 in 780 steps), and its target is divided
@@ -37,7 +39,8 @@ def _short_budget(data: dict[str, Any]) -> dict[str, Any]:
         raise SaescopeError("the short-budget preset scales its warm-ups to the run: give total_tokens "
                             "(--total-tokens)")
     steps = max(int(out["total_tokens"]) // int(out.get("batch_size", DEFAULT_BATCH_SIZE)), 1)
-    defaults = {**_SHORT_BUDGET, "lr_warmup_steps": max(steps // 20, 1), "sparsity_warmup_steps": max(steps // 4, 1)}
+    defaults = {**_SHORT_BUDGET, "lr_warmup_steps": max(steps // 20, 1), "sparsity_warmup_steps": max(steps // 4, 1),
+                "lr_decay_steps": steps // 5}
     for key, value in defaults.items():
         out.setdefault(key, value)
     specs = []
