@@ -156,6 +156,7 @@ TRAIN_FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "latent_shards": ("run", "latent_shards"), "model": ("run", "model"), "tensorboard": ("run", "tensorboard"),
     "wandb": ("run", "wandb"),
     "widths": ("spec", "width"), "lambdas": ("spec", "sparsity_coefficient"), "target_l0s": ("spec", "target_l0"),
+    "target_l0_over": ("spec", "target_l0_over"),
     "frequency_penalty": ("spec", "frequency_penalty"), "frequency_cap": ("spec", "frequency_cap"),
     "architecture": ("spec", "architecture"), "k": ("spec", "k"), "skip": ("spec", "skip"),
     "matryoshka_prefixes": ("spec", "matryoshka_prefixes"), "matryoshka_weights": ("spec", "matryoshka_weights"),
@@ -183,6 +184,7 @@ def train(
     widths: list[int] = typer.Option([], "--width", help=_train_help("widths")),
     lambdas: list[float] = typer.Option([], "--lambda", help=_train_help("lambdas")),
     target_l0s: list[float] = typer.Option([], "--target-l0", help=_train_help("target_l0s")),
+    target_l0_over: str | None = typer.Option(None, help=_train_help("target_l0_over")),
     frequency_penalty: float | None = typer.Option(None, help=_train_help("frequency_penalty")),
     frequency_cap: float | None = typer.Option(None, help=_train_help("frequency_cap")),
     architecture: str | None = typer.Option(None, help=_train_help("architecture")),
@@ -244,8 +246,11 @@ def train(
                  "--transcoder-layer (the baselines are SAEs whose sparsity is k)")
         if not widths or not (lambdas or target_l0s or architecture in ("topk", "batchtopk")):
             fail("give at least one --width and one --lambda or --target-l0 with --sites / --transcoder-layer")
-        penalties = [{"sparsity_coefficient": lam, "target_l0": t} for lam in (lambdas or [None])
-                     for t in (target_l0s or [None])]
+        if target_l0_over is not None and not target_l0s:
+            fail("--target-l0-over applies to the target-L0 penalty: give --target-l0")
+        penalties = [{"sparsity_coefficient": lam, "target_l0": t,
+                      "target_l0_over": None if t is None else target_l0_over}
+                     for lam in (lambdas or [None]) for t in (target_l0s or [None])]
         nested = {}
         if matryoshka or matryoshka_prefixes:
             nested["matryoshka_prefixes"] = list(matryoshka_prefixes) or "default"

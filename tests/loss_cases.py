@@ -19,10 +19,13 @@ PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 LOSS_CASES: dict[str, dict] = {
     "plain": {},
     "target_l0": {"target_l0": 30.0},
+    "target_l0_batch": {"target_l0": 30.0, "target_l0_over": "batch"},
     "matryoshka": {"matryoshka_prefixes": (17, 50, 96), "matryoshka_weights": (0.5, 1.7, 1.1)},
     "matryoshka+target_l0": {"matryoshka_prefixes": (17, 50, 96), "target_l0": 30.0},
     "frequency": {"frequency_penalty": 3.0, "frequency_cap": 0.05},
     "frequency+target_l0": {"frequency_penalty": 1.5, "frequency_cap": 0.02, "target_l0": 30.0},
+    "frequency+target_l0_batch": {"frequency_penalty": 1.5, "frequency_cap": 0.02, "target_l0": 30.0,
+                                  "target_l0_over": "batch"},
 }
 
 

@@ -28,6 +28,7 @@ from saescope.store import StoreWriter
 from saescope.train import SAESpec, TrainConfig, Trainer
 from saescope.train.checkpoint import latest_checkpoint, load_checkpoint
 from saescope.train.sources import TensorBatchSource
+from saescope.train.unit import TrainingUnit
 
 SITE = "resid_post/layer_2"
 D = 16
@@ -430,3 +431,20 @@ def test_gemma_scope_2_options_under_latent_sharding(tmp_path, gs2_reference, wo
     for a, b in zip(ref_rows, rows):
         for key in ("loss", "mse", "l0", "fvu"):
             assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (a["sae"], a["step"], key)
+
+
+BATCH_TARGET = [SAESpec(site=SITE, width=32, sparsity_coefficient=0.02, target_l0=6.0, target_l0_over="batch")]
+
+
+def test_batch_target_l0_under_latent_sharding_and_refused_data_parallel(tmp_path):
+    """The batch-mean target-L0 penalty reads L0 summed over the latent shards: two shards end where one process
+    ends (float64); data shards, which would each see only their rows' mean, are refused before training."""
+    one = tmp_path / "one"
+    _train(_config(one, saes=BATCH_TARGET))
+    out = tmp_path / "run"
+    _spawn(_config(out, saes=BATCH_TARGET, latent_shards=2), 2, tmp_path)
+    _assert_same(_final_state(one), _final_state(out))
+    grid = distributed.Parallel(rank=0, world_size=2, data_rank=0, data_shards=2, latent_rank=0, latent_shards=1,
+                                data_group=None, latent_group=None)
+    with pytest.raises(SaescopeError, match="target_l0_over = 'batch'"):
+        TrainingUnit(BATCH_TARGET[0], _config(tmp_path / "dp", saes=BATCH_TARGET), 1.0, D, D, parallel=grid)

@@ -62,6 +62,26 @@ def test_quadratic_penalty_value_and_threshold_gradient_match_float64_formula():
     assert not torch.allclose(g["threshold"], g_plain["threshold"])
 
 
+def test_batch_mean_quadratic_penalty_matches_float64_formula():
+    """target_l0_over = "batch": λ(2/T)(mean_b L0_b − T)², its θ-gradient λ(4/T)(mean L0 − T)·mean_b ∂H_bi/∂θ_i."""
+    sae = random_sae()
+    out, g = grads(sae, target_l0=TARGET, target_l0_over="batch")
+    _, g_token = grads(sae, target_l0=TARGET)
+    _, g_rec = grads_without_penalty(sae)
+    z, th = out.pre_activations.detach(), sae.threshold.detach()
+    l0 = (z > th).double().sum(1)
+    assert l0.std() > 1                       # tokens differ, so the two forms differ
+    rec = (out.x - out.x_hat).pow(2).sum(1).detach()
+    expected = rec.mean() + LAM * (2 / TARGET) * (l0.mean() - TARGET) ** 2
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-12, atol=1e-12)
+    window = ((z - th).abs() < BAND / 2).double()
+    d_pen = LAM * (4 / TARGET) * (l0.mean() - TARGET) * ((-1 / BAND) * window).mean(0)
+    torch.testing.assert_close(g["threshold"], g_rec["threshold"] + d_pen, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(g["threshold"], g_token["threshold"])
+    with pytest.raises(ValueError, match="target_l0_over"):
+        loss(LAM, target_l0=TARGET, target_l0_over="window")
+
+
 def grads_without_penalty(sae):
     sae.zero_grad()
     out = sae.training_forward(inputs(), 0.0)

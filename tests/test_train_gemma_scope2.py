@@ -225,3 +225,14 @@ def test_least_squares_initial_W_skip_matches_numpy(tmp_path):
     zeros = run_trainer(small_config(tmp_path / "zeros", [SKIP]), acts, max_steps=0)
     assert not zeros.units[0].W_skip.any()
     assert cfg.fingerprint() != cfg.model_copy(update={"initial_W_skip": "zeros"}).fingerprint()
+
+
+def test_batch_target_spec_is_named_apart_and_needs_a_target():
+    token = SAESpec(site="resid_post/layer_6", width=64, target_l0=8)
+    batch = SAESpec(site="resid_post/layer_6", width=64, target_l0=8, target_l0_over="batch")
+    assert batch.name == token.name.replace("target_l0_8", "target_l0_8_batch") != token.name
+    assert batch.loss_options(0.5).batch_target and not token.loss_options(0.5).batch_target
+    assert batch.fingerprint_dict() != token.fingerprint_dict()
+    assert "target_l0_over" not in token.fingerprint_dict()          # the default: old fingerprints unchanged
+    with pytest.raises(ValueError, match="target_l0_over = 'batch' needs target_l0"):
+        SAESpec(site="resid_post/layer_6", width=64, sparsity_coefficient=1e-3, target_l0_over="batch")

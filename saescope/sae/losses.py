@@ -6,6 +6,10 @@
   ``(2 / L0_target)·(L0 − L0_target)²`` per token; it pushes each token's L0 toward the target from both
   sides, so a user asks for a sparsity instead of sweeping λ. Its θ-gradient is
   ``(4 / L0_target)·(L0 − L0_target)·∂L0/∂θ``.
+- ``target_l0_over = "batch"`` (an option, not the recipe's reading): the same quadratic penalty on the batch's
+  mean L0, ``(2 / L0_target)·(mean_b L0_b − L0_target)²``, the same value for every token; it holds the mean L0 at
+  the target and leaves tokens free to use more or fewer latents (docs/training.md), and its θ-gradient is the
+  per-token form's with every token's factor ``(4 / L0_target)·(mean_b L0_b − L0_target)``.
 - ``matryoshka_reconstruction``: the reconstruction error summed over nested prefixes of the latents
   (Matryoshka SAEs, Bussmann et al. 2025; Gemma Scope 2 trains some SAEs this way): the first ``m_k``
   latents alone must reconstruct the input, for each prefix size ``m_k``, weighted by ``w_k``. With one
@@ -36,6 +40,16 @@ def quadratic_l0_penalty(l0: torch.Tensor, target_l0: float) -> torch.Tensor:
     if not target_l0 > 0:
         raise ValueError(f"target_l0 must be positive, got {target_l0}")
     return (2.0 / target_l0) * (l0 - target_l0).pow(2)
+
+
+def batch_quadratic_l0_penalty(l0: torch.Tensor, target_l0: float) -> torch.Tensor:
+    """``(2 / L0_target)·(mean_b L0_b − L0_target)²`` for every token of the batch ``l0 [B]``."""
+    return quadratic_l0_penalty(l0.mean(), target_l0).expand_as(l0)
+
+
+TARGET_L0_OVER = ("token", "batch")
+"""Where the quadratic target-L0 penalty is taken: each token's L0 (the recipe's reading of Gemma Scope 2) or the
+batch's mean L0."""
 
 
 def check_prefixes(prefixes: Sequence[int], weights: Sequence[float] | None, d_sae: int
@@ -140,7 +154,8 @@ class LossOptions:
     """The loss of one training step (recipe §1 and §6), read by every step implementation.
 
     ``loss = mean_b(R_b + λ·P_b) + λ·F`` with ``R_b`` the reconstruction error (summed over Matryoshka prefixes
-    where set), ``P_b = L0_b`` or, with ``target_l0``, ``(2/L0_t)(L0_b − L0_t)²``, and ``F`` the frequency
+    where set), ``P_b = L0_b`` or, with ``target_l0``, ``(2/L0_t)(L0_b − L0_t)²`` (``target_l0_over = "batch"``:
+    ``(2/L0_t)(mean_b L0_b − L0_t)²`` for every b), and ``F`` the frequency
     penalty ``μ·Σ_i ψ(p_i)`` (:func:`frequency_excess`; off where ``frequency_penalty`` is 0).
     Adding an option: one field here, its math in each step path, and one case in tests/loss_cases.py."""
 
@@ -150,8 +165,11 @@ class LossOptions:
     matryoshka_weights: tuple[float, ...] | None = None
     frequency_penalty: float = 0.0
     frequency_cap: float = DEFAULT_FREQUENCY_CAP
+    target_l0_over: str = "token"
 
     def __post_init__(self) -> None:
+        if self.target_l0_over not in TARGET_L0_OVER:
+            raise ValueError(f"target_l0_over must be one of {TARGET_L0_OVER}, got {self.target_l0_over!r}")
         lam = float(self.sparsity_coefficient)
         if not lam >= 0 or math.isinf(lam):
             raise ValueError(f"the sparsity coefficient λ must be finite and ≥ 0, got {self.sparsity_coefficient}")
@@ -190,9 +208,17 @@ class LossOptions:
         if self.matryoshka_prefixes is not None:
             check_prefixes(self.matryoshka_prefixes, self.matryoshka_weights, d_sae)
 
+    @property
+    def batch_target(self) -> bool:
+        """Whether the target-L0 penalty is on the batch's mean L0 (``target_l0_over = "batch"``)."""
+        return self.target_l0 is not None and self.target_l0_over == "batch"
+
     def token_penalty(self, l0: torch.Tensor) -> torch.Tensor:
-        """``P_b``: ``L0_b``, or the quadratic target-L0 penalty."""
-        return l0 if self.target_l0 is None else quadratic_l0_penalty(l0, self.target_l0)
+        """``P_b``: ``L0_b``, or the quadratic target-L0 penalty (of ``L0_b``, or of the batch's mean L0)."""
+        if self.target_l0 is None:
+            return l0
+        return (batch_quadratic_l0_penalty(l0, self.target_l0) if self.batch_target
+                else quadratic_l0_penalty(l0, self.target_l0))
 
 
 def as_loss_options(loss: LossOptions | float) -> LossOptions:

@@ -24,7 +24,7 @@ NEW_SPEC_DEFAULTS: dict[str, Any] = {
     "threshold_lr_scale": None,
     # absent from older runs = the penalty was off (a target_l0 spec now resolves it to 1.0: a new fingerprint)
     "frequency_penalty": 0.0, "frequency_cap": DEFAULT_FREQUENCY_CAP,
-    "architecture": "jumprelu", "k": None,
+    "architecture": "jumprelu", "k": None, "target_l0_over": "token",
 }
 """SAE spec fields added later (Gemma Scope 2 options, per-SAE θ lr, baselines), with the values that mean "as before"."""
 

@@ -78,6 +78,9 @@ class SAESpec(BaseModel):
     target_site: str | None = Field(None, description="transcoders only: the site to predict")
     target_l0: float | None = Field(None, gt=0, description="Gemma Scope 2: train toward this L0 with the "
                                     "quadratic penalty instead of λ·L0")
+    target_l0_over: Literal["token", "batch"] = Field(
+        "token", description="the quadratic target-L0 penalty on each token's L0 (the recipe) or on the batch's "
+        "mean L0 (docs/training.md)")
     matryoshka_prefixes: list[int] | None = Field(None, description="SAEs only: nested prefix sizes of the "
                                                   "latents (strictly increasing, last = width), or 'default'")
     matryoshka_weights: list[float] | None = Field(None, description="one weight per Matryoshka prefix (default 1)")
@@ -115,6 +118,8 @@ class SAESpec(BaseModel):
                              "sparsity_coefficient or target_l0")
         if self.sparsity_coefficient is None and self.target_l0 is None:
             raise ValueError(f"{self.site} width {self.width}: give sparsity_coefficient (λ) or target_l0")
+        if self.target_l0_over != "token" and self.target_l0 is None:
+            raise ValueError(f"target_l0_over = {self.target_l0_over!r} needs target_l0")
         if self.target_l0 is not None and self.target_l0 > self.width:
             raise ValueError(f"target_l0={self.target_l0:g} is more latents than the width {self.width}")
         if self.matryoshka_weights is not None and self.matryoshka_prefixes is None:
@@ -184,7 +189,7 @@ class SAESpec(BaseModel):
         if self.target_l0 is None:
             penalty = f"lambda_{self.sparsity_coefficient:g}"
         else:
-            penalty = f"target_l0_{self.target_l0:g}"
+            penalty = f"target_l0_{self.target_l0:g}" + ("_batch" if self.target_l0_over == "batch" else "")
             if self.sparsity_coefficient is not None:
                 penalty += f"_lambda_{self.sparsity_coefficient:g}"
         if self.matryoshka_prefixes is not None:
@@ -223,7 +228,8 @@ class SAESpec(BaseModel):
                            matryoshka_weights=None if self.matryoshka_weights is None
                            else tuple(self.matryoshka_weights),
                            frequency_penalty=float(self.frequency_penalty or 0.0),
-                           frequency_cap=float(self.frequency_cap or DEFAULT_FREQUENCY_CAP))
+                           frequency_cap=float(self.frequency_cap or DEFAULT_FREQUENCY_CAP),
+                           target_l0_over=self.target_l0_over)
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -170,13 +170,17 @@ def _latent_major_order(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> t
     return torch.argsort(key)
 
 
-def _l0_penalty(l0_counts: torch.Tensor, target_l0: float | None, dtype: torch.dtype
+def _l0_penalty(l0_counts: torch.Tensor, loss: LossOptions, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sparsity penalty per token (``L0_b``, or Gemma Scope 2's ``(2/L0_t)(L0_b − L0_t)²``) and, for the
-    latter, its derivative ``(4/L0_t)(L0_b − L0_t)`` (float64) that scales each token's θ-gradient term."""
+    latter, its derivative ``(4/L0_t)(L0_b − L0_t)`` (float64) that scales each token's θ-gradient term; with
+    ``target_l0_over = "batch"`` the batch's mean L0 stands for every ``L0_b`` in both."""
+    target_l0 = loss.target_l0
     if target_l0 is None:
         return l0_counts.to(dtype), None
     excess = l0_counts.to(torch.float64) - target_l0
+    if loss.batch_target:
+        excess = excess.mean().expand_as(excess)
     return ((2.0 / target_l0) * excess.pow(2)).to(dtype), (4.0 / target_l0) * excess
 
 
@@ -360,7 +364,7 @@ def _compiled_step(lib, params: SAEParams, x: torch.Tensor, target: torch.Tensor
     token_of = torch.empty(P, dtype=torch.int32)
     lib.saescope_latent_order(B, d_sae, ptr(row_offsets), ptr(cols), ptr(latent_offsets), ptr(pair_of),
                               ptr(token_of))
-    penalty, token_scale = _l0_penalty(l0_counts, loss.target_l0, reconstruction.dtype)
+    penalty, token_scale = _l0_penalty(l0_counts, loss, reconstruction.dtype)
     if token_scale is not None:
         token_scale = token_scale.to(x.dtype).contiguous()
     frequency = latent_scale = None
@@ -494,7 +498,7 @@ def _sparse_step(params: SAEParams, x: torch.Tensor, target: torch.Tensor | None
 
     # L0 per token (forward count), then θ: both STE terms, window pairs only.
     l0_counts = torch.zeros(B, dtype=torch.int64, device=x.device).index_add_(0, rows, active.to(torch.int64))
-    penalty, per_token = _l0_penalty(l0_counts, loss.target_l0, reconstruction.dtype)
+    penalty, per_token = _l0_penalty(l0_counts, loss, reconstruction.dtype)
     frequency = None
     if loss.frequency:
         counts = torch.zeros(d_sae, dtype=torch.int64, device=x.device).index_add_(0, cols, active.to(torch.int64))

@@ -74,6 +74,10 @@ class TrainingUnit:
                 parallel.latent_shards > 1 or (spec.architecture == "batchtopk" and parallel.data_shards > 1)):
             raise SaescopeError(f"{spec.name}: {spec.architecture} SAEs train in one process or, for topk, data "
                                 "parallel without latent sharding (BatchTopK selects over the whole batch)")
+        if spec.target_l0_over == "batch" and parallel is not None and parallel.data_shards > 1:
+            raise SaescopeError(f"{spec.name}: target_l0_over = 'batch' takes the batch's mean L0 in one process; "
+                                "under data parallelism each rank would see only its rows: train it without "
+                                "data shards, or with target_l0_over = 'token'")
         with torch.no_grad():
             if spec.architecture != "topk":
                 m.threshold.fill_(config.initial_threshold)
