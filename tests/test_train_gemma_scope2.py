@@ -236,3 +236,11 @@ def test_batch_target_spec_is_named_apart_and_needs_a_target():
     assert "target_l0_over" not in token.fingerprint_dict()          # the default: old fingerprints unchanged
     with pytest.raises(ValueError, match="target_l0_over = 'batch' needs target_l0"):
         SAESpec(site="resid_post/layer_6", width=64, sparsity_coefficient=1e-3, target_l0_over="batch")
+
+
+def test_batch_target_sae_records_how_it_was_trained(tmp_path):
+    spec = SAESpec(site="resid_post/layer_2", width=32, target_l0=5, target_l0_over="batch")
+    trainer = run_trainer(small_config(tmp_path / "run", [spec], total_steps=6), _acts())
+    folder = trainer.write_suite()[spec.name]
+    training = json.loads((folder / "saescope.json").read_text())["training"]
+    assert training["target_l0"] == 5 and training["target_l0_over"] == "batch"

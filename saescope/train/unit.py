@@ -236,6 +236,8 @@ class TrainingUnit:
             training["target_site"] = spec.target_site
         if spec.target_l0 is not None:
             training["target_l0"] = spec.target_l0
+            if spec.target_l0_over != "token":
+                training["target_l0_over"] = spec.target_l0_over
         if spec.frequency_penalty:
             training["frequency_penalty"] = spec.frequency_penalty
             training["frequency_cap"] = spec.frequency_cap
