@@ -251,3 +251,14 @@ def test_delta_loss_frontier_draws_the_bootstrap_interval(evaluated):
     for row in rows:
         r = next(r for r in results if r["name"] == row["sae"])
         assert row["delta_loss_lower"] == r["domains"][row["domain"]]["delta_loss_ci"]["lower"]
+
+
+def test_frontier_groups_keep_baselines_penalties_and_batch_targets_apart():
+    from saescope.report.figures import group_key
+
+    base = {"kind": "sae", "site": "resid_post/layer_6", "d_sae": 4096}
+    keys = {group_key({**base, "training": training}) for training in (
+        {"target_l0": 60, "frequency_penalty": 10}, {"target_l0": 60, "frequency_penalty": 10, "target_l0_over": "batch"},
+        {"architecture": "topk", "k": 60}, {"sparsity_coefficient": 1e-3})}
+    assert len(keys) == 4
+    assert any(k.endswith("target on the batch mean L0") for k in keys)

@@ -24,13 +24,16 @@ import matplotlib.pyplot as plt
 
 def group_key(result: Mapping[str, Any]) -> str:
     """Curves are drawn per site and width (and kind), as in the paper's frontier plots; TopK / BatchTopK
-    baselines and SAEs trained with the frequency penalty get curves of their own."""
+    baselines, SAEs trained with the frequency penalty and those with the batch-mean target L0 get curves of their
+    own."""
     prefix = "transcoder " if result.get("kind") == "transcoder" else ""
     training = result.get("training") or {}
     baseline = {"topk": "TopK ", "batchtopk": "BatchTopK "}.get(training.get("architecture"), "")
     label = f"{baseline}{prefix}{result['site']} · width {result['d_sae']}"
     if training.get("frequency_penalty"):
         label += f" · frequency penalty {training['frequency_penalty']:g}"
+    if training.get("target_l0_over") == "batch":
+        label += " · target on the batch mean L0"
     return label
 
 
