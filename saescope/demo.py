@@ -8,16 +8,18 @@ re-running the command resumes each stage where it stopped.
 
 The demo trains for a few hundred steps, so it cannot use the paper's schedule as is (recipe §6: with lr 7e-5 and
 10,000 warm-up steps for λ nothing moves in that time). It uses a named *short-budget preset* — a larger learning
-rate, warm-ups scaled to the run, θ trained directly (the SAEs' θ at a tenth of the lr), b_dec started at the
-data mean, θ at the 99th percentile of the first batch's pre-activations and the SAEs' initial directions
-orthogonal to the top principal direction (Gemma 3's massive-activation dimension) — which is printed and
-written to the run folder. Measured with the defaults (240k tokens of Shakespeare and Python interleaved,
-layer 6, 2-core AMD EPYC Zen 2 with AVX2 only, 2026-12-07): 7.7 min in all — load 6 s, cache 173 s (~1.4k
-tokens/s for three sites), train 75 s, evaluate 150 s (8 windows of 256 tokens per domain; each spliced pass
-is one unembedding into the 262k vocabulary), dashboards 57 s. λ = 1e-4, 3e-4, 1e-3 gave held-out L0 47, 29,
-16, FVU 0.118, 0.145, 0.145 and Δ LM loss 1.71, 1.70, 1.52 nats (plays 1.37, 1.28, 1.19; Python 2.06, 2.12,
-1.86; 95% bootstrap intervals ±0.3): on this budget Δ loss does not fall as L0 rises, and dense latents make
-40–64% of L0 (issue 17). The transcoder: L0 90, FVU 0.27, Δ loss 0.21.
+rate, warm-ups scaled to the run, the lr decayed to 0 over the last 20% of steps, θ trained directly (the SAEs'
+θ at a tenth of the lr), b_dec started at the data mean, θ at the 99th percentile of the first batch's
+pre-activations and the SAEs' initial directions orthogonal to the top principal direction (Gemma 3's
+massive-activation dimension) — which is printed and written to the run folder. Measured with the defaults
+(240k tokens of Shakespeare and Python interleaved, layer 6, 2-core AMD EPYC Zen 2 with AVX2 only, 2026-12-08):
+6.1 min in all — load 6 s, cache 143 s (~1.7k tokens/s for three sites), train 63 s, evaluate 110 s (8 windows
+of 256 tokens per domain; each spliced pass is one unembedding into the 262k vocabulary), dashboards 45 s.
+λ = 1e-3, 3e-4, 1e-4 gave held-out L0 17, 30, 51, FVU 0.088, 0.072, 0.058 and Δ LM loss 1.47 [1.24, 1.73],
+1.23 [1.05, 1.48], 1.04 [0.86, 1.25] nats (plays 1.07, 0.96, 0.75; Python 1.87, 1.50, 1.33): Δ loss falls as
+L0 rises on both domains, though the intervals of neighbours overlap at this budget, and dense latents make
+44–66% of L0 (issue 17). Before the lr decay the same sweep gave 1.52, 1.70, 1.71. The transcoder: L0 95, FVU
+0.26, Δ loss 0.13.
 """
 
 from __future__ import annotations
