@@ -148,7 +148,7 @@ TRAIN_FLAG_FIELDS: dict[str, tuple[str, str]] = {
     # description, so the two cannot drift (tests/test_cli.py checks every flag is here or CLI-only)
     "store": ("run", "store"), "out": ("run", "out_dir"), "total_tokens": ("run", "total_tokens"),
     "batch_size": ("run", "batch_size"), "lr": ("run", "lr"), "lr_warmup_steps": ("run", "lr_warmup_steps"),
-    "lr_decay_steps": ("run", "lr_decay_steps"),
+    "lr_decay_steps": ("run", "lr_decay_steps"), "adam_update_clip": ("run", "adam_update_clip"),
     "sparsity_warmup_steps": ("run", "sparsity_warmup_steps"),
     "threshold_parameterization": ("run", "threshold_parameterization"),
     "transcoder_target_scale": ("run", "transcoder_target_scale"), "checkpoint_every": ("run", "checkpoint_every"),
@@ -201,6 +201,7 @@ def train(
     lr: float | None = typer.Option(None, help=_train_help("lr")),
     lr_warmup_steps: int | None = typer.Option(None, help=_train_help("lr_warmup_steps")),
     lr_decay_steps: int | None = typer.Option(None, help=_train_help("lr_decay_steps")),
+    adam_update_clip: float | None = typer.Option(None, help=_train_help("adam_update_clip")),
     sparsity_warmup_steps: int | None = typer.Option(None, help=_train_help("sparsity_warmup_steps")),
     threshold_parameterization: str | None = typer.Option(None, help=_train_help("threshold_parameterization")),
     transcoder_target_scale: str | None = typer.Option(None, help=_train_help("transcoder_target_scale")),
@@ -221,7 +222,8 @@ def train(
     from saescope.train import TrainConfig, TrainingInterrupted, train_from_store
 
     overrides = {"store": store, "out_dir": out, "total_tokens": total_tokens, "batch_size": batch_size, "lr": lr,
-                 "lr_warmup_steps": lr_warmup_steps, "lr_decay_steps": lr_decay_steps, "sparsity_warmup_steps": sparsity_warmup_steps,
+                 "lr_warmup_steps": lr_warmup_steps, "lr_decay_steps": lr_decay_steps,
+                 "adam_update_clip": adam_update_clip, "sparsity_warmup_steps": sparsity_warmup_steps,
                  "threshold_parameterization": threshold_parameterization, "checkpoint_every": checkpoint_every,
                  "transcoder_target_scale": transcoder_target_scale,
                  "log_every": log_every, "seed": seed, "device": device, "model": model,

@@ -194,3 +194,51 @@ def test_trainer_takes_its_steps_at_the_decayed_learning_rate(tmp_path):
     assert seen == [pytest.approx(3e-3), pytest.approx(3e-3 / 5)]
     with pytest.raises(ValueError, match="lr_decay_steps=13 is more than the run's 12 steps"):
         small_config(tmp_path, [spec], total_steps=12, lr_decay_steps=13)
+
+
+def test_adam_update_clip_bounds_the_step_a_quiet_parameter_takes():
+    """At β1 = 0 a parameter with no gradient for t − 1 steps, then g, moves by √((1 − β2ᵗ)/(1 − β2))·lr
+    (closed form, ≈ 17.7·lr at t = 380); with update_clip = 3 by exactly 3·lr. Small steps are unchanged."""
+    t, lr = 380, 1e-3
+    moved = {}
+    for clip in (None, 3.0):
+        p = {"w": torch.zeros(3, dtype=torch.float64)}
+        opt = Adam(p, update_clip=clip, eps=1e-300)
+        zero = torch.zeros(3, dtype=torch.float64)
+        for _ in range(t - 1):
+            opt.step({"w": zero}, lr)
+        opt.step({"w": torch.tensor([2.0, -5.0, 0.0], dtype=torch.float64)}, lr)
+        moved[clip] = p["w"].clone()
+    bound = math.sqrt((1 - 0.999 ** t) / (1 - 0.999)) * lr
+    torch.testing.assert_close(moved[None], torch.tensor([-bound, bound, 0.0], dtype=torch.float64), rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(moved[3.0], torch.tensor([-3 * lr, 3 * lr, 0.0], dtype=torch.float64), rtol=1e-12,
+                               atol=0)
+
+
+def test_adam_with_a_loose_update_clip_is_torch_adam():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, dtype=torch.float64)
+    ours = {"w": w.clone()}
+    ref = torch.nn.Parameter(w.clone())
+    opt = Adam(ours, update_clip=1e6)
+    assert not opt.fused
+    torch_opt = torch.optim.Adam([ref], lr=1e-2, betas=(0.0, 0.999), eps=1e-8)
+    for _ in range(20):
+        g = torch.randn(6, 4, dtype=torch.float64)
+        opt.step({"w": g}, 1e-2)
+        ref.grad = g.clone()
+        torch_opt.step()
+    torch.testing.assert_close(ours["w"], ref.detach(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="update_clip must be positive"):
+        Adam({"w": w.clone()}, update_clip=0.0)
+
+
+def test_the_run_setting_reaches_every_sae_optimizer(tmp_path):
+    from tests.train_helpers import run_trainer, small_config
+
+    torch.manual_seed(0)
+    acts = {"resid_post/layer_0": torch.randn(1024, 16) * 3}
+    spec = SAESpec(site="resid_post/layer_0", width=32, sparsity_coefficient=1e-3)
+    trainer = run_trainer(small_config(tmp_path, [spec], total_steps=4, adam_update_clip=2.0), acts)
+    assert trainer.units[0].adam.update_clip == 2.0 and not trainer.units[0].adam.fused

@@ -31,6 +31,7 @@ NEW_SPEC_DEFAULTS: dict[str, Any] = {
 NEW_CONFIG_DEFAULTS: dict[str, Any] = {
     "initial_W_skip": "zeros", "initial_exclude_top_pcs": 0, "threshold_lr_scale": 1.0,
     "transcoder_target_scale": "input", "initial_transcoder_W_dec": "random", "lr_decay_steps": 0,
+    "adam_update_clip": None,
 }
 """Run settings added later, with the values that mean "as before"."""
 

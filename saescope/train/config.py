@@ -258,6 +258,8 @@ class TrainConfig(BaseModel):
     adam_beta1: float = Field(0.0, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
+    adam_update_clip: float | None = Field(None, gt=0, description="bound each Adam step to this many times the "
+                                           "lr (None: unbounded, the recipe; docs/training.md)")
     sparsity_warmup_steps: int = Field(10_000, ge=0, description="λ rises linearly from 0 over these steps")
     bandwidth: float = Field(0.001, gt=0, description="STE kernel bandwidth ε")
     initial_threshold: float = Field(0.001, gt=0, description="θ at initialisation")

@@ -106,6 +106,7 @@ class TrainingUnit:
         if self.W_skip is not None:       # skip transcoder: W_skip [d_in, d_out] trained with the rest
             params["W_skip"] = self.W_skip.data
         self.adam = Adam(params, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps,
+                         update_clip=config.adam_update_clip,
                          lr_scale={"threshold": config.threshold_lr_scale if spec.threshold_lr_scale is None
                                    else spec.threshold_lr_scale})
         self.tokens_since_fired = torch.zeros(m.W_dec.shape[0], dtype=torch.int64)
