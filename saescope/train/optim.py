@@ -73,7 +73,8 @@ class Adam:
             if self.update_clip is None:
                 p.addcdiv_(m, denom, value=-lr * self.lr_scale[name] / bias1)
             else:
-                update = (m / denom).clamp_(-self.update_clip * bias1, self.update_clip * bias1)
+                update = torch.div(m, denom, out=denom)       # the same division, in denom's buffer
+                update.clamp_(-self.update_clip * bias1, self.update_clip * bias1)
                 p.add_(update, alpha=-lr * self.lr_scale[name] / bias1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
