@@ -17,6 +17,7 @@ from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.losses import (
     DEFAULT_FREQUENCY_CAP,
     DEFAULT_FREQUENCY_PENALTY,
+    DEFAULT_TARGET_FREQUENCY_CAP,
     LossOptions,
     frequency_excess,
     frequency_slope,
@@ -153,7 +154,7 @@ def test_frequency_penalty_defaults_with_target_l0():
     plain = SAESpec(site="resid_post/layer_1", width=4096, sparsity_coefficient=1e-3)
     assert target.frequency_penalty == DEFAULT_FREQUENCY_PENALTY and plain.frequency_penalty == 0.0
     assert target.loss_options(0.5).frequency and not plain.loss_options(0.5).frequency
-    assert target.loss_options(0.5).frequency_cap == DEFAULT_FREQUENCY_CAP
+    assert target.loss_options(0.5).frequency_cap == DEFAULT_TARGET_FREQUENCY_CAP == 0.05
     assert "frequency_penalty" not in plain.fingerprint_dict() and "frequency_cap" not in plain.fingerprint_dict()
     assert plain.name.endswith("lambda_0.001") and target.name.endswith("target_l0_10")
     off = SAESpec(site="resid_post/layer_1", width=4096, target_l0=10, frequency_penalty=0)
@@ -162,7 +163,12 @@ def test_frequency_penalty_defaults_with_target_l0():
     # a small SAE whose mean frequency target_l0/width is near the cap: the cap moves to 2× that mean
     small = SAESpec(site="resid_post/layer_1", width=64, target_l0=8)
     assert small.frequency_cap == pytest.approx(0.25) and small.name.endswith("target_l0_8")
-    assert SAESpec(site="resid_post/layer_1", width=4096, target_l0=150).frequency_cap == DEFAULT_FREQUENCY_CAP
+    assert SAESpec(site="resid_post/layer_1", width=4096, target_l0=60).frequency_cap == 0.05      # 2 × 0.015 < 0.05
+    assert SAESpec(site="resid_post/layer_1", width=4096, target_l0=150).frequency_cap == pytest.approx(300 / 4096)
+    # the old default, given explicitly, is named apart (runs made before the change keep their settings)
+    assert SAESpec(site="resid_post/layer_1", width=4096, target_l0=60, frequency_cap=0.1).name.endswith(
+        "target_l0_60_freq_10_cap_0.1")
+    assert plain.frequency_cap == DEFAULT_FREQUENCY_CAP                   # off: the stored value is unchanged
     with pytest.raises(ValueError, match="would fight the target"):
         SAESpec(site="resid_post/layer_1", width=64, target_l0=8, frequency_cap=0.1)
 

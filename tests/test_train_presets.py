@@ -34,8 +34,8 @@ def test_short_budget_values_scale_with_the_run_and_never_override():
     assert out["lr_warmup_steps"] == steps // 20 == 39 and out["sparsity_warmup_steps"] == steps // 4 == 195
     assert out["lr_decay_steps"] == steps // 5 == 156
     assert (out["threshold_parameterization"], out["initial_b_dec"], out["initial_threshold_quantile"],
-            out["initial_exclude_top_pcs"], out["threshold_lr_scale"], out["transcoder_target_scale"]
-            ) == ("direct", "mean", 0.99, 1, 0.1, "target")
+            out["initial_exclude_top_pcs"], out["threshold_lr_scale"], out["transcoder_target_scale"],
+            out["adam_update_clip"]) == ("direct", "mean", 0.99, 1, 0.1, "target", 3.0)
     assert "threshold_lr_scale" not in out["saes"][0]          # SAEs take the run's 0.1
     assert out["saes"][1]["threshold_lr_scale"] == 1.0 and out["saes"][2]["threshold_lr_scale"] == 0.5
     assert data["saes"][1].get("threshold_lr_scale") is None   # the input is not modified
@@ -58,7 +58,7 @@ def test_demo_config_is_the_one_it_was_written_out_as(tmp_path):
         sparsity_warmup_steps=steps // 4, lr_decay_steps=steps // 5, threshold_parameterization="direct",
         initial_b_dec="mean",
         initial_threshold_quantile=0.99, initial_exclude_top_pcs=1, threshold_lr_scale=0.1,
-        transcoder_target_scale="target",
+        transcoder_target_scale="target", adam_update_clip=3.0,
         checkpoint_every=steps // 4, log_every=steps // 10, seed=0, out_dir=tmp_path, store=tmp_path / "a",
         model="gemma-3-270m")
     assert short_budget_train_config(cfg, tmp_path / "a") == explicit

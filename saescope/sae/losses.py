@@ -90,7 +90,10 @@ def matryoshka_reconstruction(x: torch.Tensor, f: torch.Tensor, W_dec: torch.Ten
 DEFAULT_FREQUENCY_PENALTY = 10.0
 """μ of the frequency penalty when a spec sets ``target_l0`` and leaves ``frequency_penalty`` out (docs/training.md)."""
 DEFAULT_FREQUENCY_CAP = 0.1
-"""c: latents firing on more than this fraction of a batch's tokens are penalised (the evaluator's "dense")."""
+"""c stored where the penalty is off (λ·L0 specs, baselines), and the evaluator's "dense" threshold."""
+DEFAULT_TARGET_FREQUENCY_CAP = 0.05
+"""c of a target-L0 spec that leaves ``frequency_cap`` out: half the evaluator's dense threshold, so a latent
+firing on 10% of tokens already feels slope ``ψ'(0.1) = 2`` (at c = 0.1 it felt 0; docs/training.md)."""
 
 
 def frequency_excess(p: torch.Tensor, cap: float) -> torch.Tensor:

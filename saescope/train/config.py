@@ -25,6 +25,7 @@ from saescope.formats.gemma_scope import width_name as width_label  # one labell
 from saescope.sae.losses import (
     DEFAULT_FREQUENCY_CAP,
     DEFAULT_FREQUENCY_PENALTY,
+    DEFAULT_TARGET_FREQUENCY_CAP,
     LossOptions,
     check_prefixes,
 )
@@ -214,11 +215,12 @@ class SAESpec(BaseModel):
 
     @property
     def default_frequency_cap(self) -> float:
-        """c where the spec leaves it out: :data:`DEFAULT_FREQUENCY_CAP`, or twice the target's mean firing
-        frequency ``target_l0 / width`` where that is larger (small SAEs, whose every latent fires often)."""
+        """c where the spec leaves it out: :data:`DEFAULT_TARGET_FREQUENCY_CAP` with a target L0, or twice the
+        target's mean firing frequency ``target_l0 / width`` where that is larger (small SAEs, whose every latent
+        fires often); :data:`DEFAULT_FREQUENCY_CAP` (unused: the penalty is off) without one."""
         if self.target_l0 is None:
             return DEFAULT_FREQUENCY_CAP
-        return min(max(DEFAULT_FREQUENCY_CAP, 2.0 * self.target_l0 / self.width), 0.99)
+        return min(max(DEFAULT_TARGET_FREQUENCY_CAP, 2.0 * self.target_l0 / self.width), 0.99)
 
     def loss_options(self, sparsity_coefficient: float) -> LossOptions:
         """This SAE's loss with this step's λ (the contract every training step reads)."""
