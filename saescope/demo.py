@@ -12,14 +12,16 @@ rate, warm-ups scaled to the run, the lr decayed to 0 over the last 20% of steps
 θ at a tenth of the lr), b_dec started at the data mean, θ at the 99th percentile of the first batch's
 pre-activations and the SAEs' initial directions orthogonal to the top principal direction (Gemma 3's
 massive-activation dimension) — which is printed and written to the run folder. Measured with the defaults
-(240k tokens of Shakespeare and Python interleaved, layer 6, 2-core AMD EPYC Zen 2 with AVX2 only, 2026-12-08):
-6.1 min in all — load 6 s, cache 143 s (~1.7k tokens/s for three sites), train 63 s, evaluate 110 s (8 windows
-of 256 tokens per domain; each spliced pass is one unembedding into the 262k vocabulary), dashboards 45 s.
-λ = 1e-3, 3e-4, 1e-4 gave held-out L0 17, 30, 51, FVU 0.088, 0.072, 0.058 and Δ LM loss 1.47 [1.24, 1.73],
-1.23 [1.05, 1.48], 1.04 [0.86, 1.25] nats (plays 1.07, 0.96, 0.75; Python 1.87, 1.50, 1.33): Δ loss falls as
+(240k tokens of Shakespeare and Python interleaved, layer 6, 2-core AMD EPYC Zen 2 with AVX2 only, 2026-12-08,
+with the preset's Adam update clip): 7.5 min in all — load 7 s, cache 172 s (~1.4k tokens/s for three sites),
+train 84 s, evaluate 130 s (8 windows of 256 tokens per domain; each spliced pass is one unembedding into the
+262k vocabulary), dashboards 59 s (the run before the clip took 6.1 min; its evaluation and dashboards, which the
+clip does not touch, were 15–25% faster too, so part of the difference is the machine).
+λ = 1e-3, 3e-4, 1e-4 gave held-out L0 17, 29, 52, FVU 0.086, 0.072, 0.057 and Δ LM loss 1.38 [1.17, 1.65],
+1.24 [1.05, 1.49], 1.11 [0.93, 1.34] nats (plays 1.03, 0.97, 0.83; Python 1.74, 1.50, 1.39): Δ loss falls as
 L0 rises on both domains, though the intervals of neighbours overlap at this budget, and dense latents make
-44–66% of L0 (issue 17). Before the lr decay the same sweep gave 1.52, 1.70, 1.71. The transcoder: L0 95, FVU
-0.26, Δ loss 0.13.
+42–67% of L0 (λ·L0 specs have no frequency penalty; issue 17). Before the lr decay the same sweep gave 1.52, 1.70,
+1.71. The transcoder: L0 101, FVU 0.26, Δ loss 0.14.
 """
 
 from __future__ import annotations
