@@ -5,9 +5,9 @@ schedule (lr 7e-5, 10,000 λ warm-up steps, log θ from 0.001) cannot move. Chos
 ``resid_post/layer_6`` (1.05M Shakespeare tokens, width 4096): lr 1e-3, warm-ups scaled to the run (lr over the
 first 5% of steps, λ over the first 25%), the lr decayed linearly to 0 over the last 20% of steps (at lr 1e-3
 JumpReLU training has loss spikes; one late in a 400k-token run left a target-60 SAE at held-out Δ LM loss 8.4
-instead of 0.60: docs/training.md), each Adam step bounded to 3 × its lr (``adam_update_clip``: at 1M tokens three
-of six target-L0 SAEs diverged at step ~400 without it, none with it), θ trained directly, ``b_dec`` from the data mean, θ from the first
-batch's 99th percentile, the top principal direction out of the initial latent directions and θ at a tenth of
+instead of 0.60: docs/training.md), each Adam step bounded to 3 × its lr (``adam_update_clip``: at 1M tokens
+three of six target-L0 SAEs diverged at step ~400 without it, none with it), θ trained directly, ``b_dec`` from
+the data mean, θ from the first batch's 99th percentile, the top principal direction out of the initial latent directions and θ at a tenth of
 the lr for SAEs (dead latents 40–60% → 4–9% over the last 262k tokens, training FVU ~3× lower); a
 transcoder's θ keeps the full lr (at a tenth its L0 stayed above 1,000 in 780 steps), and its target is divided
 by its own norm scale (``transcoder_target_scale = "target"``: a target-L0 60 skip transcoder at ``mlp_in/layer_6``
